@@ -1,0 +1,37 @@
+# The README's two commands are `make demo` and `make test`; everything else is a step of them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+# A project-local Prefect home: its SQLite database, settings and logs stay in the checkout.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+
+.PHONY: setup demo test ui bench clean
+
+setup: $(VENV)/.installed
+
+# constraints.txt locks every package (torch 2.14.1 and torchvision 0.29.1 come from local disk).
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/dvc config --local core.analytics false 2>/dev/null || true
+	touch $@
+
+demo: setup
+	scripts/with-prefect-server.sh dvc repro
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+ui: setup
+	scripts/prefect-server.sh foreground
+
+bench: setup
+	$(BIN)/python benchmarks/bench_ingest_split.py
+	$(BIN)/python benchmarks/bench_attention.py
+
+clean:
+	rm -rf data/raw data/interim data/processed data/cache data/models data/metrics data/reports .prefect

@@ -1,0 +1,99 @@
+"""The `cxr` command: parse arguments, load params, run a flow, turn bad data into a message.
+
+Business logic lives in `tasks/`; composition in `flows/`. Here a `DataError` becomes one
+paragraph on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+from cxr.errors import DataError
+
+
+class _QuietDataErrors(logging.Filter):
+    """Drop the traceback from Prefect's log records of a DataError: it is bad data, not a bug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, DataError):
+            record.exc_info = None
+            record.exc_text = None
+            record.msg = f"{record.getMessage().splitlines()[0]} {exc}"
+            record.args = ()
+        return True
+
+
+def _quiet_prefect_tracebacks() -> None:
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            handler.addFilter(_QuietDataErrors())
+        logger.addFilter(_QuietDataErrors())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr", description="AG-CNN on NIH ChestX-ray14: data, training and batch scoring.")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="render synthetic radiographs for a patient sample of the real NIH metadata")
+    p.add_argument("--metadata", type=Path, help="NIH Data_Entry CSV to sample (default: the one packaged with torchxrayvision)")
+    p.add_argument("--out", type=Path, help="output folder (default: paths.raw)")
+
+    p = sub.add_parser("ingest", help="read, validate (Great Expectations) and write metadata.parquet")
+    p.add_argument("--metadata", type=Path, required=True, help="NIH Data_Entry CSV (2017 or v2020 header)")
+    p.add_argument("--out", type=Path, help="output folder (default: paths.interim)")
+
+    p = sub.add_parser("split", help="patient-level split, leakage gate and class weights")
+    p.add_argument("--metadata", type=Path, help="metadata.parquet (default: paths.interim/metadata.parquet)")
+    p.add_argument("--out", type=Path, help="output folder (default: paths.processed)")
+    p.add_argument("--assignments", type=Path, help="external split CSV (Image Index, split) to check and use instead")
+
+    p = sub.add_parser("pipeline", help="run the data pipeline in one flow run (synth -> ingest -> split)")
+    p.add_argument("--metadata", type=Path, help="NIH Data_Entry CSV (default: synthesize the demo data)")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> dict:
+    from cxr.config import load_params
+
+    params = load_params(args.params)
+    paths = params.paths
+    # Prefect is imported only once arguments and params are known good: it costs seconds.
+    from flows import data
+
+    _quiet_prefect_tracebacks()
+    if args.command == "synth":
+        from tasks.ingest import packaged_metadata_path
+
+        return data.synth_flow(params, args.metadata or packaged_metadata_path(), args.out or paths.raw)
+    if args.command == "ingest":
+        return data.ingest_flow(args.metadata, args.out or paths.interim)
+    if args.command == "split":
+        metadata = args.metadata or paths.interim / "metadata.parquet"
+        return data.split_flow(params, metadata, args.out or paths.processed, args.assignments)
+    if args.command == "pipeline":
+        return data.data_pipeline_flow(params, args.metadata)
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = _run(args)
+    except DataError as exc:
+        message = textwrap.fill(str(exc), width=100, break_long_words=False, break_on_hyphens=False)
+        print(f"cxr {args.command}: error: {message}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

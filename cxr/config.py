@@ -1,0 +1,132 @@
+"""One params file (`params.yaml`) parsed into one typed config.
+
+Unknown keys and wrong types are refused before any work starts, with the offending key
+named; profiles (the CPU demo, the paper's full-scale GPU setting) are params files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cxr.errors import DataError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(_Strict):
+    raw: Path = Path("data/raw")
+    interim: Path = Path("data/interim")
+    processed: Path = Path("data/processed")
+    cache: Path = Path("data/cache")
+    models: Path = Path("data/models")
+    metrics: Path = Path("data/metrics")
+    reports: Path = Path("data/reports")
+
+
+class SynthParams(_Strict):
+    patients: int = Field(300, ge=3)
+    image_size: int = Field(128, ge=32, le=1024)
+    # Keeps the demo CPU-sized: some NIH patients have over a hundred follow-ups.
+    max_images_per_patient: int = Field(4, ge=1)
+    # Rare classes (Hernia) are sampled first so every class is in the demo.
+    min_patients_per_class: int = Field(8, ge=0)
+
+
+class SplitParams(_Strict):
+    train: float = Field(0.7, gt=0, lt=1)
+    valid: float = Field(0.1, gt=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+    # Allowed absolute deviation of each split's image fraction from its ratio.
+    tolerance: float = Field(0.05, ge=0, le=0.5)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self):
+        total = self.train + self.valid + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split ratios must sum to 1, got {total:.4f}")
+        return self
+
+    def ratios(self) -> dict[str, float]:
+        return {"train": self.train, "valid": self.valid, "test": self.test}
+
+
+class AttentionParams(_Strict):
+    threshold: float = Field(0.7, gt=0, lt=1)
+    mode: Literal["max_abs", "l1"] = "max_abs"
+
+
+class ModelParams(_Strict):
+    backbone: Literal["resnet18", "resnet34", "resnet50", "densenet121"] = "resnet18"
+    pretrained: Literal["imagenet", "none"] = "none"
+    image_size: int = Field(128, ge=32)
+    local_size: int = Field(128, ge=32)
+    attention: AttentionParams = AttentionParams()
+
+
+class StageParams(_Strict):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    # lr is divided by `lr_gamma` every `lr_step` epochs (the paper: /10 every 20).
+    lr_step: int = Field(20, ge=1)
+    lr_gamma: float = Field(0.1, gt=0, le=1)
+
+
+class TrainParams(_Strict):
+    workers: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    flip: bool = True
+    global_: StageParams = Field(StageParams(), alias="global")
+    local: StageParams = StageParams()
+    fusion: StageParams = StageParams()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def stage(self, name: str) -> StageParams:
+        return {"global": self.global_, "local": self.local, "fusion": self.fusion}[name]
+
+
+class EvaluateParams(_Strict):
+    bootstrap: int = Field(200, ge=0)
+
+
+class Params(_Strict):
+    seed: int = 42
+    paths: Paths = Paths()
+    synth: SynthParams = SynthParams()
+    split: SplitParams = SplitParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def load_params(path: str | Path | None = "params.yaml") -> Params:
+    """Read and validate a params file; a missing default file means all defaults."""
+    if path is None:
+        return Params()
+    path = Path(path)
+    if not path.exists():
+        if path == Path("params.yaml"):
+            return Params()
+        raise DataError("params file not found", where=str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DataError(f"not valid YAML ({exc.__class__.__name__}: {exc})", where=str(path)) from None
+    if not isinstance(raw, dict):
+        raise DataError("params must be a mapping of sections", where=str(path))
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise DataError(f"invalid params ({problems})", where=str(path)) from None

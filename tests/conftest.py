@@ -1,0 +1,65 @@
+"""Shared fixtures: the real NIH sample in ../shared/data and one real Prefect server per session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+NIH_SAMPLE = SHARED / "nih-sample-64"
+STUDIES = SHARED / "studies"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` on 127.0.0.1 for the whole session (it takes ~15 s).
+
+    In-process flows and `cxr` subprocesses both point at it through PREFECT_API_URL.
+    """
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = dict(os.environ, PREFECT_HOME=str(home), CXR_PREFECT_PORT=str(_free_port()))
+    url = subprocess.run(
+        [str(ROOT / "scripts" / "prefect-server.sh"), "start"], env=env, check=True, capture_output=True, text=True
+    ).stdout.strip().splitlines()[-1]
+    old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+    os.environ["PREFECT_API_URL"] = url
+    os.environ["PREFECT_HOME"] = str(home)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url
+    subprocess.run([str(ROOT / "scripts" / "prefect-server.sh"), "stop"], env=env, check=False)
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def run_cxr(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the real `cxr` console command (needs the prefect_server fixture for speed)."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PATH"] = f"{VENV_BIN}{os.pathsep}{full_env.get('PATH', '')}"
+    return subprocess.run(
+        [str(VENV_BIN / "cxr"), *args], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def sample_csv() -> Path:
+    path = NIH_SAMPLE / "Data_Entry_sample.csv"
+    assert path.exists(), f"shared NIH sample missing at {path}"
+    return path
