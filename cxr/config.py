@@ -21,6 +21,7 @@ class _Strict(BaseModel):
 
 class Paths(_Strict):
     raw: Path = Path("data/raw")
+    images: Path = Path("data/raw/images")
     interim: Path = Path("data/interim")
     processed: Path = Path("data/processed")
     cache: Path = Path("data/cache")
