@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: paths.processed)")
     p.add_argument("--assignments", type=Path, help="external split CSV (Image Index, split) to check and use instead")
 
+    p = sub.add_parser("train", help="train one AG-CNN stage (global, then local, then fusion)")
+    p.add_argument("--stage", choices=("global", "local", "fusion"), required=True)
+
+    sub.add_parser("evaluate", help="test-split AUROC (global, local, fusion), bootstrap CIs, ROC points, localization IoU")
+
     p = sub.add_parser("pipeline", help="run the data pipeline in one flow run (synth -> ingest -> split)")
     p.add_argument("--metadata", type=Path, help="NIH Data_Entry CSV (default: synthesize the demo data)")
     return parser
@@ -66,7 +71,7 @@ def _run(args: argparse.Namespace) -> dict:
     params = load_params(args.params)
     paths = params.paths
     # Prefect is imported only once arguments and params are known good: it costs seconds.
-    from flows import data
+    from flows import data, train
 
     _quiet_prefect_tracebacks()
     if args.command == "synth":
@@ -78,6 +83,14 @@ def _run(args: argparse.Namespace) -> dict:
     if args.command == "split":
         metadata = args.metadata or paths.interim / "metadata.parquet"
         return data.split_flow(params, metadata, args.out or paths.processed, args.assignments)
+    if args.command == "train":
+        summary = train.train_flow(params, args.stage)
+        return {k: v for k, v in summary.items() if k != "history"}
+    if args.command == "evaluate":
+        report = train.evaluate_flow(params)
+        return {"model_digest": report["model_digest"], "test_images": report["test_images"],
+                **{f"{b}_mean_auroc": v["mean_auroc"] for b, v in report["branches"].items()},
+                "localization": report["localization"]}
     if args.command == "pipeline":
         return data.data_pipeline_flow(params, args.metadata)
     raise AssertionError(args.command)

@@ -13,6 +13,8 @@ from cxr.errors import DataError
 from tasks.ingest import run_ingest
 from tasks.split import run_split
 from tasks.synth import synthesize
+from tasks.evaluate import evaluate
+from tasks.train import train_stage
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -36,3 +38,5 @@ def _task(name: str):
 synth_task = _task("synth")(synthesize)
 ingest_task = _task("ingest")(run_ingest)
 split_task = _task("split")(run_split)
+train_task = _task("train-stage")(train_stage)
+evaluate_task = _task("evaluate")(evaluate)

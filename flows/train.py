@@ -1,0 +1,29 @@
+"""Training flows: the three AG-CNN stages, each freezing the ones before it, and evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from cxr.config import Params
+from tasks.ingest import packaged_metadata_path
+from tasks.prefect_tasks import evaluate_task, train_task
+
+
+@flow(name="train", log_prints=True, flow_run_name="train-{stage}")
+def train_flow(params: Params, stage: str) -> dict:
+    return train_task(params, stage)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(params: Params) -> dict:
+    # NIH's radiologist boxes ship with torchxrayvision; they count only where the real
+    # images are in paths.images (evaluate skips boxes of images it does not have).
+    nih_boxes = packaged_metadata_path().parent / "BBox_List_2017.csv.gz"
+    return evaluate_task(params, truth_boxes=[Path(params.paths.raw) / "boxes.csv", nih_boxes])
+
+
+@flow(name="train-all", log_prints=True)
+def train_all_flow(params: Params) -> dict:
+    return {stage: train_task(params, stage) for stage in ("global", "local", "fusion")}

@@ -1,0 +1,151 @@
+"""Test-split evaluation of the three branches: AUROC with bootstrap intervals, ROC points,
+the published comparison, and localization IoU of the attention box against true boxes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxr.atomic import atomic_write_json, atomic_write_text
+from cxr.config import Params
+from cxr.labels import PATHOLOGIES
+from tasks.dataset import load_split, to_input
+from tasks.ingest import read_metadata
+from tasks.metrics import auroc_per_class, bootstrap_auroc, roc_points
+from tasks.split import read_splits
+from tasks.train import pick_device
+from tasks.weights import load_agcnn, model_digest
+
+# Mean AUROC over the 14 classes on the official ChestX-ray14 splits, as published. Other
+# data, other hardware: a reference point, not a like-for-like comparison.
+PUBLISHED = [
+    ("Wang et al. (2017)", 0.738),
+    ("Yao et al. (2017)", 0.803),
+    ("Kumar et al. (2018)", 0.795),
+    ("Rajpurkar et al. (2017), CheXNet", 0.842),
+    ("Guan et al. (2018), AG-CNN ResNet-50", 0.868),
+    ("Guan et al. (2018), AG-CNN DenseNet-121", 0.871),
+]
+BRANCHES = ("global", "local", "fusion")
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of inclusive pixel boxes (N, 4) y0, x0, y1, x1, row by row."""
+    y0, x0 = np.maximum(a[:, 0], b[:, 0]), np.maximum(a[:, 1], b[:, 1])
+    y1, x1 = np.minimum(a[:, 2], b[:, 2]), np.minimum(a[:, 3], b[:, 3])
+    inter = np.clip(y1 - y0 + 1, 0, None) * np.clip(x1 - x0 + 1, 0, None)
+    area = lambda r: (r[:, 2] - r[:, 0] + 1) * (r[:, 3] - r[:, 1] + 1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def read_true_boxes(path: Path) -> pd.DataFrame:
+    """Boxes as (image_id, label, x, y, w, h): our synth `boxes.csv` or NIH's BBox_List_2017."""
+    raw = pd.read_csv(path)
+    if "image_id" in raw.columns:
+        return raw[["image_id", "label", "x", "y", "w", "h"]]
+    # NIH's header "Bbox [x,y,w,h]" spreads over four cells: name them by position.
+    cols = list(raw.columns)
+    return pd.DataFrame({"image_id": raw[cols[0]], "label": raw[cols[1]], "x": raw[cols[2]], "y": raw[cols[3]], "w": raw[cols[4]], "h": raw[cols[5]]})
+
+
+def localization(boxes_px: np.ndarray, ids: list[str], truth: pd.DataFrame, scale: dict[str, float]) -> dict:
+    """Best IoU per image between its attention box and any true box of that image.
+
+    boxes_px are in network-input pixels; `scale[id]` maps true-box pixels to them.
+    """
+    truth = truth[truth["image_id"].isin(ids)]
+    if truth.empty:
+        return {"images": 0}
+    index = {image_id: i for i, image_id in enumerate(ids)}
+    rows = truth["image_id"].map(index).to_numpy()
+    s = truth["image_id"].map(scale).to_numpy()
+    true = np.stack([truth["y"] * s, truth["x"] * s, (truth["y"] + truth["h"]) * s - 1, (truth["x"] + truth["w"]) * s - 1], 1)
+    iou = pd.Series(box_iou(boxes_px[rows].astype(float), true)).groupby(truth["image_id"].to_numpy()).max()
+    return {
+        "images": int(len(iou)),
+        "mean_iou": round(float(iou.mean()), 4),
+        "iou_at_0.1": round(float((iou >= 0.1).mean()), 4),
+        "iou_at_0.3": round(float((iou >= 0.3).mean()), 4),
+    }
+
+
+def evaluate(params: Params, *, truth_boxes: list[Path] | None = None) -> dict:
+    paths = params.paths
+    device = pick_device(params.train.device)
+    meta = read_metadata(Path(paths.interim) / "metadata.parquet")
+    splits = read_splits(Path(paths.processed) / "splits.parquet")
+    test = load_split(meta, splits, "test", Path(paths.images), params.model.image_size)
+    model = load_agcnn(Path(paths.models), params).to(device)
+    outs = {b: [] for b in BRANCHES}
+    boxes = []
+    with torch.no_grad():
+        for start in range(0, len(test.ids), params.train.fusion.batch_size):
+            result = model(to_input(test.pixels[start : start + params.train.fusion.batch_size], device))
+            for name, logits in zip(BRANCHES, (result.global_logits, result.local_logits, result.fusion_logits)):
+                outs[name].append(torch.sigmoid(logits.float()).cpu())
+            boxes.append(result.boxes.cpu())
+    y = test.labels.numpy()
+    probs = {b: torch.cat(v).numpy() for b, v in outs.items()}
+    boxes_px = torch.cat(boxes).numpy()
+
+    report: dict = {"model_digest": model_digest(Path(paths.models)), "test_images": len(test.ids), "branches": {}}
+    for name in BRANCHES:
+        per_class = auroc_per_class(y, probs[name])
+        ci = bootstrap_auroc(y, probs[name], params.evaluate.bootstrap, params.seed)
+        report["branches"][name] = {
+            "mean_auroc": round(float(np.nanmean(per_class)), 4) if np.isfinite(per_class).any() else None,
+            "mean_auroc_ci95": [round(v, 4) for v in ci["mean"]],
+            "per_class": {
+                label: ({"auroc": round(float(v), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)]} if np.isfinite(v) else "not computable (no positives or no negatives in the test split)")
+                for label, v, (lo, hi) in zip(PATHOLOGIES, per_class, ci["per_class"])
+            },
+            "classes_in_mean": int(np.isfinite(per_class).sum()),
+        }
+    # Localization against every true-box file that covers test images.
+    report["localization"] = {}
+    size = params.model.image_size
+    for box_file in truth_boxes or []:
+        if not Path(box_file).exists():
+            continue
+        truth = read_true_boxes(Path(box_file))
+        present = [i for i in test.ids if i in set(truth["image_id"])]
+        # NIH boxes are in 1024-px image pixels; synthetic boxes in the rendered image's pixels.
+        native = {i: (1024 if "BBox" in Path(box_file).name else params.synth.image_size) for i in present}
+        report["localization"][Path(box_file).name] = localization(boxes_px, test.ids, truth, {i: size / native[i] for i in present})
+    report["published"] = [{"method": m, "mean_auroc": v, "note": "published on the official ChestX-ray14 split; other data and hardware"} for m, v in PUBLISHED]
+
+    metrics = Path(paths.metrics)
+    atomic_write_json(metrics / "evaluate.json", {
+        "model_digest": report["model_digest"], "test_images": report["test_images"],
+        **{f"{b}_mean_auroc": report["branches"][b]["mean_auroc"] for b in BRANCHES},
+        **{f"localization_{k.split('.')[0]}_mean_iou": v.get("mean_iou") for k, v in report["localization"].items()},
+    })
+    atomic_write_json(metrics / "evaluate_detail.json", report)
+    atomic_write_json(metrics / "roc_fusion.json", roc_points(y, probs["fusion"], list(PATHOLOGIES)))
+    atomic_write_text(Path(paths.reports) / "evaluation.md", render_markdown(report))
+    return report
+
+
+def render_markdown(report: dict) -> str:
+    lines = ["# AG-CNN evaluation (test split)", "", f"Model digest `{report['model_digest'][:16]}`, {report['test_images']} test images.", ""]
+    lines += ["| class | global | local | fusion |", "| --- | --- | --- | --- |"]
+    for label in PATHOLOGIES:
+        cells = []
+        for b in BRANCHES:
+            v = report["branches"][b]["per_class"][label]
+            cells.append(f"{v['auroc']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" if isinstance(v, dict) else "n/a")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    means = [report["branches"][b]["mean_auroc"] for b in BRANCHES]
+    lines.append("| **mean** | " + " | ".join("n/a" if m is None else f"**{m:.3f}**" for m in means) + " |")
+    lines += ["", "Classes without positives or negatives in the test split are marked n/a and left out of the mean.", ""]
+    lines += ["## Published results (other data and hardware: context, not a like-for-like comparison)", "", "| method | mean AUROC |", "| --- | --- |"]
+    lines += [f"| {p['method']} | {p['mean_auroc']:.3f} |" for p in report["published"]]
+    if report["localization"]:
+        lines += ["", "## Localization: attention box vs true lesion box", "", "| boxes | images | mean IoU | IoU≥0.1 | IoU≥0.3 |", "| --- | --- | --- | --- | --- |"]
+        for name, v in report["localization"].items():
+            lines.append(f"| {name} | {v['images']} | {v.get('mean_iou', 'n/a')} | {v.get('iou_at_0.1', 'n/a')} | {v.get('iou_at_0.3', 'n/a')} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,231 @@
+"""Three-stage AG-CNN training: global branch, local branch on attention crops, fusion head.
+
+Each stage freezes what came before, trains with the class-weighted BCE, SGD with momentum
+and a step learning-rate schedule, and keeps the epoch with the best mean validation AUROC.
+Every epoch ends with an atomic checkpoint (weights, optimizer, scheduler, RNG, history), so
+a killed run resumes from its last finished epoch and ends with the same weights: each
+epoch's shuffling and flips come from a generator seeded by (seed, stage, epoch), not from
+whatever state the process had when it died.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cxr.atomic import atomic_path, atomic_write_json
+from cxr.config import Params
+from cxr.errors import DataError
+from models.branch import build_branch
+from models.fusion import FusionHead
+from models.agcnn import attention_crops
+from models.loss import WeightedBCE
+from tasks.dataset import PixelDataset, load_split, to_input
+from tasks.ingest import read_metadata
+from tasks.metrics import auroc_per_class, mean_auroc
+from tasks.split import read_splits
+from tasks.weights import STAGES, digest_file, load_branch, save_weights
+
+log = logging.getLogger("cxr.train")
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise DataError("params ask for device cuda, but no CUDA device is available", where="params.train.device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class StageModel(torch.nn.Module):
+    """What one stage trains, with the frozen stages before it.
+
+    forward(x) -> (logits of this stage's output, ...). Frozen parts stay in eval mode so
+    their BatchNorm statistics do not drift while the new part learns.
+    """
+
+    def __init__(self, stage: str, params: Params, models_dir: Path):
+        super().__init__()
+        m = params.model
+        self.stage = stage
+        self.frozen = torch.nn.ModuleDict()
+        if stage == "global":
+            self.trainable = build_branch(m.backbone, m.pretrained)
+        else:
+            self.frozen["global"] = load_branch(models_dir / "global.safetensors", m.backbone)
+            if stage == "local":
+                self.trainable = build_branch(m.backbone, m.pretrained)
+            else:
+                self.frozen["local"] = load_branch(models_dir / "local.safetensors", m.backbone)
+                g, l = self.frozen["global"], self.frozen["local"]
+                self.trainable = FusionHead(g.feature_dim, l.feature_dim)
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)
+        self.local_size = m.local_size
+        self.threshold = m.attention.threshold
+        self.mode = m.attention.mode
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.frozen.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stage == "global":
+            return self.trainable(x).logits
+        with torch.no_grad():
+            g = self.frozen["global"](x)
+            crops, _ = attention_crops(x, g.features, self.local_size, self.threshold, self.mode)
+        if self.stage == "local":
+            return self.trainable(crops).logits
+        with torch.no_grad():
+            local = self.frozen["local"](crops)
+        return self.trainable(g.pooled, local.pooled)
+
+
+def _fingerprint(stage: str, params: Params, inputs: list[Path]) -> str:
+    """What a checkpoint is valid for: the stage's params and the digests of its inputs."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"stage": stage, "seed": params.seed, "model": params.model.model_dump(mode="json"),
+                         "train": params.train.stage(stage).model_dump(mode="json"), "flip": params.train.flip}, sort_keys=True).encode())
+    for path in inputs:
+        h.update(digest_file(path).encode())
+    return h.hexdigest()
+
+
+def predict(model: torch.nn.Module, data, device: torch.device, batch_size: int) -> np.ndarray:
+    """(N, K) probabilities of a stage model over a split, in order, without flips."""
+    model.eval()
+    out = []
+    with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+        for start in range(0, len(data.ids), batch_size):
+            x = to_input(data.pixels[start : start + batch_size], device)
+            out.append(torch.sigmoid(model(x).float()).cpu())
+    return torch.cat(out).numpy()
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        # weights_only: a checkpoint is data; loading it must never run pickled code.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: start the stage over, say so
+        log.warning("checkpoint %s is unreadable (%s); starting the stage from scratch", path, exc)
+        return None
+
+
+def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after_epoch: int | None = None) -> dict:
+    """Train one stage; return its summary. `stop_after_epoch` ends the process's work early
+    (used to test resume)."""
+    if stage not in STAGES:
+        raise DataError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}", where="--stage")
+    paths, sp = params.paths, params.train.stage(stage)
+    models_dir = Path(paths.models)
+    torch.manual_seed(params.seed)
+    device = pick_device(params.train.device)
+    splits_path = Path(paths.processed) / "splits.parquet"
+    weights_path = Path(paths.processed) / "class_weights.json"
+    meta = read_metadata(Path(paths.interim) / "metadata.parquet")
+    splits = read_splits(splits_path)
+    if not weights_path.exists():
+        raise DataError("class_weights.json not found; run `cxr split` first", where=str(weights_path))
+    cw = json.loads(weights_path.read_text())
+    image_dir = Path(paths.images)
+    size = params.model.image_size
+    train = load_split(meta, splits, "train", image_dir, size)
+    valid = load_split(meta, splits, "valid", image_dir, size)
+
+    upstream = [models_dir / f"{s}.safetensors" for s in STAGES[: STAGES.index(stage)]]
+    model = StageModel(stage, params, models_dir).to(device)
+    fingerprint = _fingerprint(stage, params, [splits_path, weights_path, *upstream])
+    criterion = WeightedBCE(torch.tensor(cw["pos_weight"]), torch.tensor(cw["neg_weight"])).to(device)
+    optimizer = torch.optim.SGD(model.trainable.parameters(), lr=sp.lr, momentum=sp.momentum, weight_decay=sp.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=sp.lr_step, gamma=sp.lr_gamma)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+
+    ckpt_path = models_dir / "checkpoints" / f"{stage}.pt"
+    start, best_auroc, best_epoch, history, best_state = 0, -1.0, -1, [], None
+    ckpt = _load_checkpoint(ckpt_path)
+    if ckpt is not None and ckpt.get("fingerprint") == fingerprint:
+        model.trainable.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        start, best_auroc, best_epoch = ckpt["epoch"] + 1, ckpt["best_auroc"], ckpt["best_epoch"]
+        history, best_state = json.loads(ckpt["history"]), ckpt["best_model"]
+        log.info("resuming stage %s after epoch %d", stage, ckpt["epoch"])
+    elif ckpt is not None:
+        log.info("checkpoint %s was made for other params or inputs; starting over", ckpt_path)
+
+    stage_offset = STAGES.index(stage)
+    for epoch in range(start, sp.epochs):
+        generator = torch.Generator().manual_seed(params.seed * 1_000_003 + stage_offset * 10_007 + epoch)
+        order = torch.randperm(len(train.ids), generator=generator)
+        flips = torch.rand(len(train.ids), generator=generator) < 0.5 if params.train.flip else None
+        loader = torch.utils.data.DataLoader(
+            PixelDataset(train, flips), batch_size=sp.batch_size, sampler=order.tolist(),
+            num_workers=params.train.workers, pin_memory=device.type == "cuda",
+        )
+        model.train()
+        t0, losses, seen_y, seen_p = time.perf_counter(), [], [], []
+        bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{sp.epochs}", disable=not progress, leave=False)
+        for step, (pixels, labels) in enumerate(bar):
+            x, y = to_input(pixels, device), labels.to(device)
+            with torch.autocast(device.type, enabled=device.type == "cuda"):
+                logits = model(x)
+                loss = criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+            seen_y.append(labels.numpy())
+            seen_p.append(torch.sigmoid(logits.detach().float()).cpu().numpy())
+            if progress and (step % 5 == 0 or step == len(loader) - 1):
+                running = mean_auroc(np.concatenate(seen_y), np.concatenate(seen_p))
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", auroc=f"{running:.3f}")
+        scheduler.step()
+        valid_auroc = mean_auroc(valid.labels.numpy(), predict(model, valid, device, sp.batch_size))
+        record = {"epoch": epoch, "loss": float(np.mean(losses)), "valid_mean_auroc": valid_auroc,
+                  "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
+        history.append(record)
+        if np.isfinite(valid_auroc) and valid_auroc > best_auroc or best_state is None:
+            best_auroc, best_epoch = (valid_auroc if np.isfinite(valid_auroc) else best_auroc), epoch
+            best_state = copy.deepcopy({k: v.cpu() for k, v in model.trainable.state_dict().items()})
+        log.info("stage %s epoch %d: loss %.4f, valid mean AUROC %.4f", stage, epoch, record["loss"], valid_auroc)
+        _save_checkpoint(ckpt_path, {
+            "fingerprint": fingerprint, "epoch": epoch, "model": model.trainable.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+            "best_auroc": float(best_auroc), "best_epoch": best_epoch, "best_model": best_state, "history": json.dumps(history),
+        })
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            return {"stage": stage, "stopped_after_epoch": epoch}
+
+    model.trainable.load_state_dict(best_state)
+    metadata = {"stage": stage, "backbone": params.model.backbone, "labels": cw["labels"], "image_size": size,
+                "local_size": params.model.local_size, "best_epoch": best_epoch, "best_valid_mean_auroc": best_auroc,
+                "fingerprint": fingerprint, "upstream": {p.stem: digest_file(p) for p in upstream}}
+    digest = save_weights(model.trainable, models_dir / f"{stage}.safetensors", metadata)
+    per_class = auroc_per_class(valid.labels.numpy(), predict(model, valid, device, sp.batch_size))
+    summary = {
+        "stage": stage, "device": device.type, "epochs": sp.epochs, "best_epoch": best_epoch,
+        "best_valid_mean_auroc": best_auroc, "weights": str(models_dir / f"{stage}.safetensors"), "digest": digest,
+        "valid_auroc": {l: (None if np.isnan(v) else round(float(v), 4)) for l, v in zip(cw["labels"], per_class)},
+        "history": history,
+    }
+    atomic_write_json(Path(paths.metrics) / f"train_{stage}.json", summary)
+    return summary

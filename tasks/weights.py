@@ -1,0 +1,91 @@
+"""Model weights on disk: safetensors (no unpickling), content digests, the AG-CNN loader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cxr.atomic import atomic_path
+from cxr.errors import DataError
+from models.agcnn import AGCNN
+from models.branch import Branch, build_branch
+from models.fusion import FusionHead
+
+STAGES = ("global", "local", "fusion")
+
+
+def digest_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_weights(module: torch.nn.Module, path: Path, metadata: dict) -> str:
+    """Atomically write `module`'s state as safetensors with string metadata; return its digest."""
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(path) as tmp:
+        # One metadata entry: safetensors writes a map's keys in hash order, and a digest
+        # of the file must not change with it.
+        save_file(state, str(tmp), metadata={"cxr": json.dumps(metadata, sort_keys=True)})
+    return digest_file(path)
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, metadata) from a safetensors file; DataError when missing or not safetensors."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("model weights not found; train this stage first (`cxr train --stage ...`)", where=str(path))
+    try:
+        state = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            raw_meta = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(f"not a readable safetensors weights file ({exc})", where=str(path)) from None
+    return state, json.loads(raw_meta.get("cxr", "{}"))
+
+
+def load_branch(path: Path, backbone: str) -> Branch:
+    state, meta = load_weights(path)
+    if meta.get("backbone", backbone) != backbone:
+        raise DataError(f"weights were trained for backbone {meta.get('backbone')}, params ask for {backbone}", where=str(path))
+    branch = build_branch(backbone, "none")
+    try:
+        branch.load_state_dict(state)
+    except RuntimeError as exc:
+        raise DataError(f"weights do not fit a {backbone} branch ({str(exc).splitlines()[0]})", where=str(path)) from None
+    return branch.eval()
+
+
+def load_fusion(path: Path, global_dim: int, local_dim: int) -> FusionHead:
+    state, _ = load_weights(path)
+    head = FusionHead(global_dim, local_dim)
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as exc:
+        raise DataError(f"weights do not fit the fusion head ({str(exc).splitlines()[0]})", where=str(path)) from None
+    return head.eval()
+
+
+def model_digest(models_dir: Path) -> str:
+    """One digest for the three stages' weights together: what scores and caches are keyed by."""
+    h = hashlib.sha256()
+    for stage in STAGES:
+        h.update(digest_file(Path(models_dir) / f"{stage}.safetensors").encode())
+    return h.hexdigest()
+
+
+def load_agcnn(models_dir: Path, params) -> AGCNN:
+    m = params.model
+    g = load_branch(Path(models_dir) / "global.safetensors", m.backbone)
+    local = load_branch(Path(models_dir) / "local.safetensors", m.backbone)
+    fusion = load_fusion(Path(models_dir) / "fusion.safetensors", g.feature_dim, local.feature_dim)
+    return AGCNN(g, local, fusion, local_size=m.local_size, threshold=m.attention.threshold, mode=m.attention.mode).eval()
