@@ -63,3 +63,48 @@ def sample_csv() -> Path:
     path = NIH_SAMPLE / "Data_Entry_sample.csv"
     assert path.exists(), f"shared NIH sample missing at {path}"
     return path
+
+
+def make_params(root: Path, **global_stage) -> "Params":
+    """Params for a small CPU workspace under `root` on the real 64-px NIH sample images."""
+    from cxr.config import Params
+
+    stage = {"epochs": 1, "batch_size": 64}
+    return Params.model_validate({
+        "seed": 3,
+        "paths": {"raw": str(root / "raw"), "images": str(NIH_SAMPLE / "images"), "interim": str(root / "interim"),
+                  "processed": str(root / "processed"), "models": str(root / "models"), "metrics": str(root / "metrics"),
+                  "reports": str(root / "reports"), "cache": str(root / "cache")},
+        "model": {"backbone": "resnet18", "image_size": 64, "local_size": 64},
+        "train": {"global": {**stage, **global_stage}, "local": stage, "fusion": stage},
+        "evaluate": {"bootstrap": 20},
+    })
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory, sample_csv) -> Path:
+    """The NIH sample ingested and split (patient level) in a temporary workspace."""
+    from tasks.ingest import run_ingest
+    from tasks.split import run_split
+
+    root = tmp_path_factory.mktemp("ws")
+    params = make_params(root)
+    run_ingest(sample_csv, params.paths.interim)
+    run_split(params.paths.interim / "metadata.parquet", params.paths.processed, ratios=params.split.ratios(),
+              tolerance=params.split.tolerance, seed=params.seed)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(workspace) -> "Params":
+    """All three stages trained for one epoch on the sample (about 30-40 s on 2 cores).
+
+    Read-only for tests: copy `params.paths.models` elsewhere before changing anything.
+    """
+    from tasks.train import train_stage
+
+    params = make_params(workspace)
+    if not (params.paths.models / "fusion.safetensors").exists():
+        for stage in ("global", "local", "fusion"):
+            train_stage(params, stage, progress=False)
+    return params

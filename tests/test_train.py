@@ -5,44 +5,17 @@ from __future__ import annotations
 import json
 import pickle
 
-import pytest
 import torch
 
-from cxr.config import Params
 from tasks.evaluate import evaluate
-from tasks.ingest import run_ingest
-from tasks.split import run_split
 from tasks.train import train_stage
 from tasks.weights import digest_file, load_agcnn, load_weights
-from tests.conftest import NIH_SAMPLE
+from tests.conftest import make_params
 
 
-def make_params(root, **train) -> Params:
-    stage = {"epochs": 1, "batch_size": 64}
-    return Params.model_validate({
-        "seed": 3,
-        "paths": {"raw": str(root / "raw"), "images": str(NIH_SAMPLE / "images"), "interim": str(root / "interim"),
-                  "processed": str(root / "processed"), "models": str(root / "models"), "metrics": str(root / "metrics"),
-                  "reports": str(root / "reports"), "cache": str(root / "cache")},
-        "model": {"backbone": "resnet18", "image_size": 64, "local_size": 64},
-        "train": {"global": {**stage, **train}, "local": stage, "fusion": stage},
-        "evaluate": {"bootstrap": 20},
-    })
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, sample_csv):
-    root = tmp_path_factory.mktemp("ws")
-    params = make_params(root)
-    run_ingest(sample_csv, params.paths.interim)
-    run_split(params.paths.interim / "metadata.parquet", params.paths.processed, ratios=params.split.ratios(),
-              tolerance=params.split.tolerance, seed=params.seed)
-    return root
-
-
-def test_three_stages_then_evaluate(workspace):
-    params = make_params(workspace)
-    summaries = {stage: train_stage(params, stage, progress=False) for stage in ("global", "local", "fusion")}
+def test_three_stages_then_evaluate(trained):
+    params = trained
+    summaries = {stage: json.loads((params.paths.metrics / f"train_{stage}.json").read_text()) for stage in ("global", "local", "fusion")}
     for stage, summary in summaries.items():
         path = params.paths.models / f"{stage}.safetensors"
         assert summary["digest"] == digest_file(path)
