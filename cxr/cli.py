@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("evaluate", help="test-split AUROC (global, local, fusion), bootstrap CIs, ROC points, localization IoU")
 
+    p = sub.add_parser("score", help="score new studies (PNG, JPEG, DICOM) into scores.parquet, JSON, overlays and an HTML report")
+    p.add_argument("--input", type=Path, required=True, help="folder of studies to score (searched recursively)")
+    p.add_argument("--out", type=Path, help="output folder (default: paths.reports/scoring)")
+
+    p = sub.add_parser("cache", help="build the image cache (decode once) or the crop cache (after stage I)")
+    p.add_argument("what", choices=("images", "crops"))
+
     p = sub.add_parser("pipeline", help="run the data pipeline in one flow run (synth -> ingest -> split)")
     p.add_argument("--metadata", type=Path, help="NIH Data_Entry CSV (default: synthesize the demo data)")
     return parser
@@ -71,7 +78,7 @@ def _run(args: argparse.Namespace) -> dict:
     params = load_params(args.params)
     paths = params.paths
     # Prefect is imported only once arguments and params are known good: it costs seconds.
-    from flows import data, train
+    from flows import data
 
     _quiet_prefect_tracebacks()
     if args.command == "synth":
@@ -83,6 +90,8 @@ def _run(args: argparse.Namespace) -> dict:
     if args.command == "split":
         metadata = args.metadata or paths.interim / "metadata.parquet"
         return data.split_flow(params, metadata, args.out or paths.processed, args.assignments)
+    if args.command in ("train", "evaluate"):
+        from flows import train
     if args.command == "train":
         summary = train.train_flow(params, args.stage)
         return {k: v for k, v in summary.items() if k != "history"}
@@ -91,6 +100,14 @@ def _run(args: argparse.Namespace) -> dict:
         return {"model_digest": report["model_digest"], "test_images": report["test_images"],
                 **{f"{b}_mean_auroc": v["mean_auroc"] for b, v in report["branches"].items()},
                 "localization": report["localization"]}
+    if args.command == "score":
+        from flows.score import score_flow
+
+        return score_flow(params, args.input, args.out or paths.reports / "scoring")
+    if args.command == "cache":
+        from flows.cache import cache_crops_flow, cache_images_flow
+
+        return (cache_images_flow if args.what == "images" else cache_crops_flow)(params)
     if args.command == "pipeline":
         return data.data_pipeline_flow(params, args.metadata)
     raise AssertionError(args.command)

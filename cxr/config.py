@@ -95,8 +95,36 @@ class TrainParams(_Strict):
         return {"global": self.global_, "local": self.local, "fusion": self.fusion}[name]
 
 
+class CacheParams(_Strict):
+    # Resolution stored in the image cache; it serves training when equal to model.image_size.
+    image_size: int = Field(128, ge=32, le=1024)
+    # Images per shard file = per build chunk: the unit of resume and of fan-out.
+    shard_images: int = Field(512, ge=1)
+    # Global-branch batch while building the crop cache.
+    batch_size: int = Field(64, ge=1)
+    # Stages II and III read crops from the crop cache instead of re-running the global branch.
+    enabled: bool = True
+
+
 class EvaluateParams(_Strict):
     bootstrap: int = Field(200, ge=0)
+
+
+class ScoreParams(_Strict):
+    """Batch scoring of new studies (`cxr score`)."""
+
+    batch_size: int = Field(16, ge=1)
+    # Operating points per class, chosen on the validation split's fusion predictions.
+    threshold_rule: Literal["youden", "sensitivity"] = "youden"
+    target_sensitivity: float = Field(0.9, gt=0, le=1)
+    # Used for a class without positives (or negatives) in the validation split.
+    fallback_threshold: float = Field(0.5, gt=0, lt=1)
+    top_findings: int = Field(3, ge=1, le=14)
+    # Loader limits: a decompression-bomb guard and the smallest plausible radiograph side.
+    max_pixels: int = Field(60_000_000, ge=1)
+    min_side: int = Field(32, ge=1)
+    # Longest side of the radiograph panels in the overlay PNGs.
+    overlay_size: int = Field(384, ge=64, le=2048)
 
 
 class Params(_Strict):
@@ -107,6 +135,8 @@ class Params(_Strict):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    cache: CacheParams = CacheParams()
+    score: ScoreParams = ScoreParams()
 
 
 def load_params(path: str | Path | None = "params.yaml") -> Params:

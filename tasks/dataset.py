@@ -40,13 +40,20 @@ def load_pixels(ids: list[str], image_dir: Path, size: int) -> torch.Tensor:
     return out
 
 
-def load_split(meta, splits, split: str, image_dir: Path, size: int) -> SplitData:
+def load_split(meta, splits, split: str, image_dir: Path, size: int, cache_dir: Path | None = None) -> SplitData:
+    """A split's pixels and labels; from the image cache at `cache_dir` when it holds
+    `image_dir` at `size` (same pixels, no decoding), else through the loader."""
     ids = splits.loc[splits["split"] == split, "image_id"].tolist()
     if not ids:
         raise DataError(f"the {split} split is empty", where="splits.parquet")
     rows = meta.set_index("image_id").loc[ids, list(LABEL_COLUMNS)]
     labels = torch.from_numpy(rows.to_numpy(dtype=np.float32, copy=True))
-    return SplitData(ids, load_pixels(ids, image_dir, size), labels)
+    pixels = None
+    if cache_dir is not None:
+        from tasks.image_cache import cached_pixels  # the cache builds on this module's loader
+
+        pixels = cached_pixels(Path(cache_dir), ids, image_dir, size)
+    return SplitData(ids, pixels if pixels is not None else load_pixels(ids, image_dir, size), labels)
 
 
 def to_input(pixels: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:

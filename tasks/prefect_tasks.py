@@ -13,8 +13,6 @@ from cxr.errors import DataError
 from tasks.ingest import run_ingest
 from tasks.split import run_split
 from tasks.synth import synthesize
-from tasks.evaluate import evaluate
-from tasks.train import train_stage
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -38,5 +36,75 @@ def _task(name: str):
 synth_task = _task("synth")(synthesize)
 ingest_task = _task("ingest")(run_ingest)
 split_task = _task("split")(run_split)
-train_task = _task("train-stage")(train_stage)
-evaluate_task = _task("evaluate")(evaluate)
+# Torch-heavy work is imported when it runs, so that `cxr ingest` does not pay seconds
+# loading torchvision and scikit-learn it never uses.
+@_task("train-stage")
+def train_task(params, stage: str, **kwargs) -> dict:
+    from tasks.train import train_stage
+
+    return train_stage(params, stage, **kwargs)
+
+
+@_task("evaluate")
+def evaluate_task(params, **kwargs) -> dict:
+    from tasks.evaluate import evaluate
+
+    return evaluate(params, **kwargs)
+
+
+# Scoring is resumable by design, so a transient I/O retry only finishes the rest.
+@_task("score-studies")
+def score_task(params, input_dir, out_dir, **kwargs) -> dict:
+    from tasks.score import score_studies
+
+    return score_studies(params, input_dir, out_dir, **kwargs)
+
+
+@_task("score-report")
+def report_task(out_dir, summary: dict):
+    from tasks.report import write_report
+
+    return write_report(out_dir, summary)
+
+
+# Caches: one task per chunk so a build fans out with `.map`; a re-run skips finished chunks.
+@_task("plan-image-cache")
+def plan_image_cache_task(image_dir, ids, root, size: int, shard_images: int):
+    from tasks.image_cache import plan_image_cache
+
+    return plan_image_cache(image_dir, ids, root, size, shard_images)
+
+
+@_task("build-image-chunk")
+def build_image_chunk_task(plan, chunk: int) -> dict:
+    from tasks.image_cache import build_image_chunk
+
+    return build_image_chunk(plan, chunk)
+
+
+@_task("publish-image-cache")
+def publish_image_cache_task(plan) -> dict:
+    from tasks.image_cache import publish_image_cache
+
+    return publish_image_cache(plan)
+
+
+@_task("plan-crop-cache")
+def plan_crop_cache_task(params):
+    from tasks.crop_cache import plan_crop_cache
+
+    return plan_crop_cache(params)
+
+
+@_task("build-crop-chunk")
+def build_crop_chunk_task(plan, chunk: int) -> dict:
+    from tasks.crop_cache import build_crop_chunk
+
+    return build_crop_chunk(plan, chunk)
+
+
+@_task("publish-crop-cache")
+def publish_crop_cache_task(plan) -> dict:
+    from tasks.crop_cache import publish_crop_cache
+
+    return publish_crop_cache(plan)

@@ -90,14 +90,33 @@ class StageModel(torch.nn.Module):
             local = self.frozen["local"](crops)
         return self.trainable(g.pooled, local.pooled)
 
+    def forward_cached(self, crops: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Stages II/III from the crop cache: crops (B, 3, L, L) normalised local input,
+        pooled (B, C) the frozen global branch's pooled features of the same view."""
+        if self.stage == "local":
+            return self.trainable(crops).logits
+        with torch.no_grad():
+            local = self.frozen["local"](crops)
+        return self.trainable(pooled, local.pooled)
 
-def _fingerprint(stage: str, params: Params, inputs: list[Path]) -> str:
-    """What a checkpoint is valid for: the stage's params and the digests of its inputs."""
+    def forward_batch(self, inputs, device: torch.device) -> torch.Tensor:
+        """Logits of a loader batch without its labels: (pixels,) or, from the crop cache, (crops, pooled)."""
+        if len(inputs) == 1:
+            return self(to_input(inputs[0], device))
+        crops, pooled = inputs
+        return self.forward_cached(to_input(crops, device), pooled.to(device, non_blocking=True))
+
+
+def _fingerprint(stage: str, params: Params, inputs: list[Path], extra: str = "") -> str:
+    """What a checkpoint is valid for: the stage's params and the digests of its inputs
+    (`extra`: the crop cache key when the stage reads it)."""
     h = hashlib.sha256()
     h.update(json.dumps({"stage": stage, "seed": params.seed, "model": params.model.model_dump(mode="json"),
                          "train": params.train.stage(stage).model_dump(mode="json"), "flip": params.train.flip}, sort_keys=True).encode())
     for path in inputs:
         h.update(digest_file(path).encode())
+    if extra:
+        h.update(f"crop-cache:{extra}".encode())
     return h.hexdigest()
 
 
@@ -105,10 +124,18 @@ def predict(model: torch.nn.Module, data, device: torch.device, batch_size: int)
     """(N, K) probabilities of a stage model over a split, in order, without flips."""
     model.eval()
     out = []
+    cached = None
+    if not hasattr(data, "pixels"):  # a CropSplit: read crops and pooled features, unflipped
+        from tasks.crop_cache import CropDataset
+
+        cached = CropDataset(data)
     with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
         for start in range(0, len(data.ids), batch_size):
-            x = to_input(data.pixels[start : start + batch_size], device)
-            out.append(torch.sigmoid(model(x).float()).cpu())
+            if cached is not None:
+                logits = model.forward_batch(cached.batch(start, start + batch_size), device)
+            else:
+                logits = model(to_input(data.pixels[start : start + batch_size], device))
+            out.append(torch.sigmoid(logits.float()).cpu())
     return torch.cat(out).numpy()
 
 
@@ -146,12 +173,23 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
     cw = json.loads(weights_path.read_text())
     image_dir = Path(paths.images)
     size = params.model.image_size
-    train = load_split(meta, splits, "train", image_dir, size)
-    valid = load_split(meta, splits, "valid", image_dir, size)
+    # Stages II/III read the frozen global branch's crops from the crop cache (rebuilt here
+    # when missing or made for other weights/params) instead of recomputing them every epoch.
+    crop_key = ""
+    if stage != "global" and params.cache.enabled:
+        from tasks.crop_cache import CropDataset, crop_split, ensure_crop_cache
+
+        crops = ensure_crop_cache(params)
+        crop_key, make_dataset = crops.key, CropDataset
+        train, valid = crop_split(crops, meta, splits, "train"), crop_split(crops, meta, splits, "valid")
+    else:
+        image_cache, make_dataset = Path(paths.cache) / "images", PixelDataset
+        train = load_split(meta, splits, "train", image_dir, size, image_cache)
+        valid = load_split(meta, splits, "valid", image_dir, size, image_cache)
 
     upstream = [models_dir / f"{s}.safetensors" for s in STAGES[: STAGES.index(stage)]]
     model = StageModel(stage, params, models_dir).to(device)
-    fingerprint = _fingerprint(stage, params, [splits_path, weights_path, *upstream])
+    fingerprint = _fingerprint(stage, params, [splits_path, weights_path, *upstream], crop_key)
     criterion = WeightedBCE(torch.tensor(cw["pos_weight"]), torch.tensor(cw["neg_weight"])).to(device)
     optimizer = torch.optim.SGD(model.trainable.parameters(), lr=sp.lr, momentum=sp.momentum, weight_decay=sp.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=sp.lr_step, gamma=sp.lr_gamma)
@@ -177,16 +215,16 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
         order = torch.randperm(len(train.ids), generator=generator)
         flips = torch.rand(len(train.ids), generator=generator) < 0.5 if params.train.flip else None
         loader = torch.utils.data.DataLoader(
-            PixelDataset(train, flips), batch_size=sp.batch_size, sampler=order.tolist(),
+            make_dataset(train, flips), batch_size=sp.batch_size, sampler=order.tolist(),
             num_workers=params.train.workers, pin_memory=device.type == "cuda",
         )
         model.train()
         t0, losses, seen_y, seen_p = time.perf_counter(), [], [], []
         bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{sp.epochs}", disable=not progress, leave=False)
-        for step, (pixels, labels) in enumerate(bar):
-            x, y = to_input(pixels, device), labels.to(device)
+        for step, (*inputs, labels) in enumerate(bar):
+            y = labels.to(device)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
-                logits = model(x)
+                logits = model.forward_batch(inputs, device)
                 loss = criterion(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -218,7 +256,8 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
     model.trainable.load_state_dict(best_state)
     metadata = {"stage": stage, "backbone": params.model.backbone, "labels": cw["labels"], "image_size": size,
                 "local_size": params.model.local_size, "best_epoch": best_epoch, "best_valid_mean_auroc": best_auroc,
-                "fingerprint": fingerprint, "upstream": {p.stem: digest_file(p) for p in upstream}}
+                "fingerprint": fingerprint, "upstream": {p.stem: digest_file(p) for p in upstream},
+                **({"crop_cache": crop_key} if crop_key else {})}
     digest = save_weights(model.trainable, models_dir / f"{stage}.safetensors", metadata)
     per_class = auroc_per_class(valid.labels.numpy(), predict(model, valid, device, sp.batch_size))
     summary = {

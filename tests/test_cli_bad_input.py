@@ -24,7 +24,7 @@ def _case(name, sample_csv):
     if name == "empty":
         return "", "empty"
     if name == "header_only":
-        return HEADER + "\n", "row count"
+        return HEADER + "\n", "empty \\(0 rows\\)"
     if name == "missing_column":
         header = HEADER.replace("Patient Age,", "")
         body = [",".join(r.split(",")[:4] + r.split(",")[5:]) for r in rows]

@@ -1,0 +1,54 @@
+"""Cache flows: the image cache (decode once) and the crop cache (global branch once, after stage I).
+
+Each build is plan -> one mapped task per chunk -> publish. A killed run leaves finished
+chunks behind and the next run skips them; readers keep seeing the last published cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from cxr.config import Params
+from tasks.prefect_tasks import (
+    build_crop_chunk_task,
+    build_image_chunk_task,
+    plan_crop_cache_task,
+    plan_image_cache_task,
+    publish_crop_cache_task,
+    publish_image_cache_task,
+)
+
+
+def _summary(meta: dict, up_to_date: bool) -> dict:
+    return {k: meta[k] for k in ("kind", "key", "version", "items", "rejected")} | {"up_to_date": up_to_date}
+
+
+# Decoding is I/O and Pillow (which releases the GIL): two threads keep two cores busy.
+@flow(name="cache-images", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def cache_images_flow(params: Params) -> dict:
+    from tasks.split import read_splits
+
+    ids = read_splits(Path(params.paths.processed) / "splits.parquet")["image_id"].tolist()
+    root = Path(params.paths.cache) / "images"
+    plan = plan_image_cache_task(params.paths.images, ids, root, params.cache.image_size, params.cache.shard_images)
+    if plan.up_to_date:
+        from tasks.cache_store import published_meta
+
+        return _summary(published_meta(root), True)
+    build_image_chunk_task.map(unmapped(plan), plan.chunks).result()
+    return _summary(publish_image_cache_task(plan), False)
+
+
+# One chunk at a time: each already uses every core (torch intra-op threads) or the GPU.
+@flow(name="cache-crops", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def cache_crops_flow(params: Params) -> dict:
+    plan = plan_crop_cache_task(params)
+    if plan.up_to_date:
+        from tasks.cache_store import published_meta
+
+        return _summary(published_meta(plan.root), True)
+    build_crop_chunk_task.map(unmapped(plan), plan.chunks).result()
+    return _summary(publish_crop_cache_task(plan), False)

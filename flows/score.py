@@ -1,0 +1,44 @@
+"""Scoring flow: score new studies, write the HTML report, show the results in the Prefect UI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from cxr.config import Params
+from tasks.prefect_tasks import report_task, score_task
+from tasks.report import NOT_A_DEVICE, run_rows
+
+# A table artifact is for a glance; the report and scores.parquet hold every study.
+TABLE_ROWS = 200
+
+
+def _publish(summary: dict, report: Path) -> None:
+    rows = run_rows(Path(summary["out_dir"]), summary)
+    table = [{k: (None if v != v else v) for k, v in r.items()}  # NaN -> None: artifacts are JSON
+             for r in rows[["study_id", "status", "flagged", "max_flagged_probability", "top_findings", "reason"]]
+             .head(TABLE_ROWS).to_dict("records")]
+    create_table_artifact(table=table, key="cxr-score-table",
+                          description=f"Scores of run {summary['run_id']} (first {TABLE_ROWS} rows, highest flagged first)")
+    create_link_artifact(key="cxr-score-report", link=Path(report).resolve().as_uri(),
+                         link_text=f"Scoring report {summary['run_id']}", description=summary["message"])
+    create_markdown_artifact(key="cxr-score-summary", description="Scoring run summary", markdown="\n".join([
+        f"# Scoring run {summary['run_id']}", "", f"**{summary['message']}.**", "",
+        f"- scored {summary['scored']}, rejected {summary['rejected']}, already scored {summary['already_scored']}",
+        f"- model digest `{summary['model_digest']}`", f"- training data version `{summary['data_version']}`",
+        f"- report: [{report}]({Path(report).resolve().as_uri()})", "", f"_{NOT_A_DEVICE}_"]))
+
+
+@flow(name="score", log_prints=True)
+def score_flow(params: Params, input_dir: Path, out_dir: Path, models_dir: Path | None = None) -> dict:
+    """Score `input_dir` into `out_dir`; return the run summary (counts, digests, report path)."""
+    from prefect.runtime import flow_run
+
+    summary = score_task(params, Path(input_dir), Path(out_dir), models_dir=models_dir)
+    report = report_task(Path(out_dir), summary)
+    _publish(summary, report)
+    print(summary["message"])
+    result = {k: v for k, v in summary.items() if k != "studies"}
+    return {**result, "report": str(report), "flow_run_id": str(flow_run.id)}

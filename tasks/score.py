@@ -1,0 +1,299 @@
+"""Batch scoring of new studies: loader -> AG-CNN in batches -> rows, JSON, overlays, Parquet.
+
+Incremental and crash-safe. A study is keyed by (content sha256, model digest): one already
+in `scores.parquet` or in a part file is skipped. Each batch ends with one atomically
+written Parquet part under `out/parts/`; the run ends by folding the parts into
+`scores.parquet` (atomically) and only then removing them, so a run killed anywhere leaves
+either a part or nothing for each batch, and the next run finishes without duplicates or
+lost rows. A file the loader refuses becomes a `rejected` row with the reason; it never
+stops the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cxr.atomic import atomic_path, atomic_write_json
+from cxr.config import Params
+from cxr.errors import DataError
+from cxr.labels import LABEL_COLUMNS, PATHOLOGIES
+from tasks.dataset import to_input
+from tasks.images import LoaderLimits, file_sha256, load_image
+from tasks.overlay import display_shape, render_overlay, resize_gray, save_png, scale_box, thumbnail
+from tasks.thresholds import load_or_compute_thresholds
+from tasks.train import pick_device
+from tasks.weights import STAGES, load_agcnn, model_digest
+
+log = logging.getLogger("cxr.score")
+
+FLAG_COLUMNS = tuple(f"{c}_flag" for c in LABEL_COLUMNS)
+BOX_COLUMNS = ("box_y0", "box_x0", "box_y1", "box_x1")
+SCHEMA = pa.schema(
+    [("study_id", pa.string()), ("source_path", pa.string()), ("sha256", pa.string()), ("model_digest", pa.string()),
+     ("status", pa.string()), ("reason", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC")), ("run_id", pa.string()),
+     ("image_height", pa.int32()), ("image_width", pa.int32()), *[(c, pa.int32()) for c in BOX_COLUMNS],
+     *[(c, pa.float32()) for c in LABEL_COLUMNS], *[(c, pa.bool_()) for c in FLAG_COLUMNS],
+     ("flagged", pa.string()), ("max_flagged_probability", pa.float32()), ("top_findings", pa.string()),
+     ("overlay", pa.string()), ("thumbnail", pa.string()), ("json", pa.string())]
+)
+
+
+@dataclass
+class _Study:
+    study_id: str
+    path: Path
+    sha256: str | None
+    reason: str | None = None  # set when the loader refused the file
+    pixels: np.ndarray | None = None  # (S, S) uint8 network input
+    display: np.ndarray | None = None  # (h, w) float32 [0, 1] for the pictures
+    shape: tuple[int, int] | None = None  # (H, W) of the original image
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def list_studies(input_dir: Path) -> list[Path]:
+    """Every regular, non-hidden file under `input_dir`, sorted; DataError when there are none."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise DataError("input folder not found (or not a folder)", where=str(input_dir))
+    files = sorted(p for p in input_dir.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(input_dir).parts))
+    if not files:
+        raise DataError("input folder holds no files to score", where=str(input_dir))
+    return files
+
+
+def output_name(study_id: str) -> str:
+    """A file-name-safe stem for a study's outputs ('a/b c.png' -> 'a__b_c.png')."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", study_id.replace("/", "__"))
+
+
+def _reason(exc: DataError) -> str:
+    # The row already names the file; keep only what was wrong with it.
+    text = str(exc)
+    return text[len(exc.where) + 2 :] if exc.where and text.startswith(f"{exc.where}: ") else text
+
+
+def network_pixels(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) float [0, 1] -> (size, size) uint8, exactly as `load_image_uint8` resizes it."""
+    if image.shape != (size, size):
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _load(study: _Study, size: int, limits: LoaderLimits, overlay_size: int) -> _Study:
+    try:
+        image = load_image(study.path, limits)  # the one loader: one decode serves input and pictures
+    except DataError as exc:
+        study.reason = _reason(exc)
+        return study
+    study.shape = image.shape
+    study.pixels = network_pixels(image, size)
+    study.display = resize_gray(image, display_shape(*image.shape, overlay_size))
+    return study
+
+
+# --------------------------------------------------------------------------- parts and scores
+
+
+def read_scores(out_dir: Path) -> pd.DataFrame:
+    """All rows known in `out_dir`: scores.parquet plus parts not yet folded in (may hold duplicates)."""
+    out_dir = Path(out_dir)
+    files = [out_dir / "scores.parquet"] if (out_dir / "scores.parquet").exists() else []
+    files += sorted((out_dir / "parts").glob("part-*.parquet"))
+    if not files:
+        return SCHEMA.empty_table().to_pandas()
+    return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files]).to_pandas()
+
+
+def _row_keys(df: pd.DataFrame) -> pd.Series:
+    # A file that could not even be read has no content hash: key it by its path instead.
+    return df["sha256"].fillna("path:" + df["source_path"]) + "|" + df["model_digest"]
+
+
+def consolidate(out_dir: Path) -> pd.DataFrame:
+    """Fold the part files into scores.parquet (first row per (sha256, model digest) wins), then remove them."""
+    out_dir = Path(out_dir)
+    parts = sorted((out_dir / "parts").glob("part-*.parquet"))
+    df = read_scores(out_dir)
+    df = df.loc[~_row_keys(df).duplicated()].reset_index(drop=True)
+    if parts or not (out_dir / "scores.parquet").exists():
+        with atomic_path(out_dir / "scores.parquet") as tmp:
+            pq.write_table(pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False), tmp)
+        for part in parts:  # only after scores.parquet holds their rows
+            part.unlink(missing_ok=True)
+    return df
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def class_activation_maps(features: torch.Tensor, weights: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """CAM_k = relu(sum_c W[k, c] * features[c]), each map scaled to [0, 1].
+
+    features: (B, C, h, w); weights: (K, C) the global classifier; classes: (B, T) indices.
+    Returns (B, T, h, w) float32.
+    """
+    cams = torch.einsum("btc,bchw->bthw", weights[classes].float(), features.float()).clamp_min_(0)
+    peak = cams.amax(dim=(2, 3), keepdim=True)
+    return torch.where(peak > 0, cams / peak.clamp_min(1e-12), torch.zeros_like(cams))
+
+
+def _rows_for_batch(model, batch: list[_Study], device, params: Params, thresholds: np.ndarray):
+    """Forward one batch; yield (study, facts) with probabilities, flags, boxes and display CAMs."""
+    size, top = params.model.image_size, params.score.top_findings
+    with torch.inference_mode():
+        out = model(to_input(torch.from_numpy(np.stack([s.pixels for s in batch])), device))
+        probs = torch.sigmoid(out.fusion_logits.float())
+        classes = probs.topk(top, dim=1).indices
+        cams = class_activation_maps(out.global_features, model.global_branch.classifier.weight, classes)
+    probs, classes, boxes, cams = probs.cpu().numpy(), classes.cpu().numpy(), out.boxes.cpu().numpy(), cams.cpu()
+    for i, study in enumerate(batch):
+        dh, dw = study.display.shape
+        up = F.interpolate(cams[i : i + 1], size=(dh, dw), mode="bilinear", align_corners=False)[0].numpy()
+        yield study, probs[i], probs[i] >= thresholds, classes[i], scale_box(tuple(boxes[i]), (size, size), study.shape), \
+            scale_box(tuple(boxes[i]), (size, size), (dh, dw)), up
+
+
+def _write_study(out_dir: Path, row: dict, study: _Study | None, pictures) -> None:
+    name = output_name(row["study_id"])
+    if pictures is not None:
+        display_box, cams, titles = pictures
+        save_png(render_overlay(study.display, display_box, cams, titles), out_dir / row["overlay"])
+        save_png(thumbnail(study.display, display_box), out_dir / row["thumbnail"])
+    facts = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
+    facts["probabilities"] = {p: facts.pop(c) for p, c in zip(PATHOLOGIES, LABEL_COLUMNS)}
+    facts["flags"] = {p: facts.pop(c) for p, c in zip(PATHOLOGIES, FLAG_COLUMNS)}
+    facts["attention_box"] = {"y0": facts.pop("box_y0"), "x0": facts.pop("box_x0"), "y1": facts.pop("box_y1"),
+                              "x1": facts.pop("box_x1"), "units": "original image pixels, inclusive"}
+    atomic_write_json(out_dir / "studies" / f"{name}.json", facts)
+
+
+def _base_row(study: _Study, digest: str, run_id: str, status: str) -> dict:
+    row = dict.fromkeys(SCHEMA.names)
+    name = output_name(study.study_id)
+    row.update(study_id=study.study_id, source_path=str(study.path), sha256=study.sha256, model_digest=digest,
+               status=status, reason=study.reason, scored_at=datetime.now(timezone.utc), run_id=run_id,
+               json=f"studies/{name}.json")
+    return row
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def check_models(models_dir: Path) -> None:
+    missing = [s for s in STAGES if not (Path(models_dir) / f"{s}.safetensors").exists()]
+    if missing:
+        raise DataError(f"model weights missing for stage(s) {', '.join(missing)}; train them first (`cxr train --stage ...`)",
+                        where=str(models_dir))
+
+
+def score_studies(params: Params, input_dir: Path, out_dir: Path, *, models_dir: Path | None = None,
+                  thresholds_path: Path | None = None, stop_after_batches: int | None = None, workers: int = 2) -> dict:
+    """Score every new study under `input_dir` into `out_dir`; return the run's summary.
+
+    `stop_after_batches` ends the run after that many part files, before consolidation (it
+    simulates a killed run). The summary's `studies` lists the keys of this input's rows.
+    """
+    s = params.score
+    input_dir, out_dir = Path(input_dir), Path(out_dir)
+    models_dir = Path(models_dir or params.paths.models)
+    files = list_studies(input_dir)
+    check_models(models_dir)
+    digest = model_digest(models_dir)
+    device = pick_device(params.train.device)
+    model = load_agcnn(models_dir, params).to(device)
+    entry = load_or_compute_thresholds(params, model, device, digest, thresholds_path or models_dir / "thresholds.json")
+    thresholds = np.array([entry["classes"][p]["threshold"] for p in PATHOLOGIES], dtype=np.float32)
+    limits = LoaderLimits(max_pixels=s.max_pixels, min_side=s.min_side)
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(2)
+
+    known = read_scores(out_dir)
+    done = set(_row_keys(known[known["model_digest"] == digest]))
+    pool = ThreadPoolExecutor(max(1, workers))
+    todo, seen, keys, already, duplicates = [], set(), [], 0, 0
+    for path, sha in zip(files, pool.map(_sha_or_none, files)):
+        study = _Study(path.relative_to(input_dir).as_posix(), path, sha if isinstance(sha, str) else None)
+        if not isinstance(sha, str):
+            study.reason = sha[0]
+        key = (study.sha256 or f"path:{path}") + "|" + digest
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        keys.append(key)
+        if key in done:
+            already += 1
+        else:
+            todo.append(study)
+
+    scored = rejected = batches = 0
+    parts = out_dir / "parts"
+    for start in range(0, len(todo), s.batch_size):
+        chunk = list(pool.map(lambda st: st if st.reason else _load(st, params.model.image_size, limits, s.overlay_size),
+                              todo[start : start + s.batch_size]))
+        good = [st for st in chunk if st.reason is None]
+        rows, writes = [], []
+        for st in chunk:
+            if st.reason is not None:
+                row = _base_row(st, digest, run_id, "rejected")
+                rows.append(row)
+                writes.append((row, st, None))
+        if good:
+            for st, prob, flag, top, box, dbox, cams in _rows_for_batch(model, good, device, params, thresholds):
+                row = _base_row(st, digest, run_id, "scored")
+                name = output_name(st.study_id)
+                flagged = [p for p, f in zip(PATHOLOGIES, flag) if f]
+                row.update(dict(zip(LABEL_COLUMNS, prob.tolist())), **dict(zip(FLAG_COLUMNS, flag.tolist())),
+                           **dict(zip(BOX_COLUMNS, box)), image_height=st.shape[0], image_width=st.shape[1],
+                           flagged=", ".join(flagged), max_flagged_probability=float(prob[flag].max()) if flagged else None,
+                           top_findings=", ".join(PATHOLOGIES[k] for k in top),
+                           overlay=f"overlays/{name}.png", thumbnail=f"thumbs/{name}.png")
+                titles = [f"{st.study_id} (attention box)"] + [
+                    f"{PATHOLOGIES[k]} {prob[k]:.2f}" + (" FLAGGED" if flag[k] else "") for k in top]
+                rows.append(row)
+                writes.append((row, st, (dbox, cams, titles)))
+        list(pool.map(lambda w: _write_study(out_dir, *w), writes))
+        with atomic_path(parts / f"part-{run_id}-{batches:06d}.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+        scored, rejected, batches = scored + len(good), rejected + len(chunk) - len(good), batches + 1
+        for st in chunk:  # free the pixels now: memory stays flat however many studies there are
+            st.pixels = st.display = None
+        if stop_after_batches is not None and batches >= stop_after_batches:
+            break
+    pool.shutdown()
+
+    summary = {
+        "run_id": run_id, "input_dir": str(input_dir), "out_dir": str(out_dir), "model_digest": digest,
+        "data_version": entry["data_version"], "threshold_rule": entry["rule"], "files_found": len(files),
+        "new_studies": scored + rejected, "scored": scored, "rejected": rejected, "already_scored": already,
+        "duplicates_in_input": duplicates, "batches": batches,
+        "message": f"{scored + rejected} new studies; {already} already scored by this model",
+    }
+    if stop_after_batches is not None and scored + rejected < len(todo):
+        summary["stopped_after_batches"] = batches
+        return summary
+    consolidate(out_dir)
+    summary["studies"] = keys
+    return summary
+
+
+def _sha_or_none(path: Path):
+    try:
+        return file_sha256(path)
+    except DataError as exc:
+        return (_reason(exc),)

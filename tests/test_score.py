@@ -1,0 +1,243 @@
+"""`cxr score`: real studies, the bad corpus, incremental reruns, killed runs, thresholds, report, artifacts."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from cxr.errors import DataError
+from cxr.labels import LABEL_COLUMNS
+from tests.conftest import NIH_SAMPLE, ROOT, STUDIES, VENV_BIN, run_cxr
+from tests.data.make_bad_corpus import make_bad_corpus
+
+
+@pytest.fixture(scope="module")
+def params(trained, tmp_path_factory):
+    """The trained params with a private copy of the models (thresholds.json is written there)."""
+    models = tmp_path_factory.mktemp("score-models") / "models"
+    shutil.copytree(trained.paths.models, models, ignore=shutil.ignore_patterns("checkpoints"))
+    return trained.model_copy(update={"paths": trained.paths.model_copy(update={"models": models}),
+                                      "score": trained.score.model_copy(update={"batch_size": 4, "overlay_size": 128})})
+
+
+@pytest.fixture(scope="module")
+def nih_inputs(tmp_path_factory) -> Path:
+    """24 distinct real (64 px) radiographs: enough batches to interrupt a run."""
+    folder = tmp_path_factory.mktemp("nih-inputs")
+    for src in sorted((NIH_SAMPLE / "images").glob("*.png"))[:24]:
+        shutil.copy(src, folder / src.name)
+    return folder
+
+
+def _score(params, input_dir, out_dir, **kw):
+    from tasks.score import score_studies
+
+    return score_studies(params, input_dir, out_dir, **kw)
+
+
+def _scores(out_dir) -> pd.DataFrame:
+    return pd.read_parquet(Path(out_dir) / "scores.parquet")
+
+
+def _write_params(params, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
+    return path
+
+
+def test_real_studies_are_scored_with_sensible_outputs(params, tmp_path):
+    from tasks.images import load_image_uint8
+    from tasks.report import NOT_A_DEVICE, write_report
+    from tasks.score import network_pixels
+    from tasks.images import load_image
+
+    out = tmp_path / "out"
+    summary = _score(params, STUDIES, out)
+    write_report(out, summary)
+    df = _scores(out).set_index("study_id")
+    assert set(df.index) == {"00000001_000.png", "Fake_MONOHR1.dcm"} and (df["status"] == "scored").all()
+    assert summary["message"] == "2 new studies; 0 already scored by this model"
+    probs = df[list(LABEL_COLUMNS)].to_numpy()
+    assert np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()
+    for sid, side in (("00000001_000.png", 512), ("Fake_MONOHR1.dcm", 1024)):
+        row = df.loc[sid]
+        assert (row.image_height, row.image_width) == (side, side)
+        # The box is in the original image's pixels: inside it, and scaled up from the 64-px input.
+        assert 0 <= row.box_y0 <= row.box_y1 < side and 0 <= row.box_x0 <= row.box_x1 < side
+        assert row.box_y1 - row.box_y0 + 1 >= side // 64
+        facts = json.loads((out / row.json).read_text())
+        assert facts["sha256"] == row.sha256 and facts["model_digest"] == summary["model_digest"]
+        assert set(facts["probabilities"]) >= {"Cardiomegaly", "Hernia"} and facts["attention_box"]["y1"] == row.box_y1
+        overlay = Image.open(out / row.overlay)
+        assert overlay.width == (1 + params.score.top_findings) * 128  # one panel per top finding
+    # Scoring resizes exactly as the training loader does.
+    path = STUDIES / "00000001_000.png"
+    assert np.array_equal(network_pixels(load_image(path), 64), load_image_uint8(path, 64))
+    page = (out / "report.html").read_text()
+    assert html.escape(NOT_A_DEVICE) in page and summary["model_digest"] in page and summary["data_version"] in page
+
+    again = _score(params, STUDIES, out)
+    write_report(out, again)
+    assert again["message"] == "0 new studies; 2 already scored by this model" and again["scored"] == 0
+    assert len(_scores(out)) == 2
+    assert "0 new studies; 2 already scored by this model" in (out / "report.html").read_text()
+
+
+def test_bad_corpus_each_file_scored_or_rejected_with_its_reason(params, tmp_path):
+    from tasks.report import write_report
+
+    corpus = tmp_path / "corpus"
+    manifest = make_bad_corpus(corpus)
+    out = tmp_path / "out"
+    summary = _score(params, corpus, out)
+    write_report(out, summary)
+    df = _scores(out).set_index("study_id")
+    # Same bytes under two names (photo.jpg / jpeg_named.png, gray8.png / png_named.jpg) are one
+    # study, scored once under the first name.
+    assert summary["duplicates_in_input"] == 2 and {"png_named.jpg", "photo.jpg"}.isdisjoint(df.index)
+    for name, expected in manifest.items():
+        if name in ("png_named.jpg", "photo.jpg"):
+            continue
+        row = df.loc[name]
+        if expected == "ok":
+            assert row.status == "scored", (name, row.reason)
+            assert (row.image_height, row.image_width) == (48, 64) and row.box_y1 < 48 and row.box_x1 < 64
+        else:
+            assert row.status == "rejected" and expected in row.reason, (name, row.reason)
+    # manifest.json itself is in the folder: not an image, rejected, the batch goes on.
+    assert "not an image" in df.loc["manifest.json", "reason"]
+    page = (out / "report.html").read_text()
+    for name in ("empty.png", "ct.dcm"):
+        assert html.escape(df.loc[name, "reason"], quote=True) in page
+    scored = [n for n, e in manifest.items() if e == "ok" and n not in ("png_named.jpg", "photo.jpg")]
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(f"{n}.png" for n in scored)
+    assert len(list((out / "studies").glob("*.json"))) == len(manifest) + 1 - 2
+
+
+def test_thresholds_rule_and_fallback():
+    from tasks.thresholds import operating_thresholds
+
+    y = np.array([[0, 0], [0, 0], [1, 0], [0, 0], [1, 0], [1, 0]], dtype=float)
+    p = np.array([[0.1, 0.9], [0.4, 0.1], [0.35, 0.2], [0.5, 0.3], [0.7, 0.4], [0.9, 0.5]])
+    youden = operating_thresholds(y, p, "youden")
+    # At 0.7: TPR 2/3, FPR 0 (J 2/3); at 0.35: TPR 1, FPR 2/3 (J 1/3).
+    assert youden[0]["source"] == "youden" and youden[0]["threshold"] == pytest.approx(0.7)
+    assert youden[1] == {"threshold": 0.5, "source": "fallback: no positives in the validation split"}
+    sens = operating_thresholds(y, p, "sensitivity", target_sensitivity=1.0)
+    assert sens[0]["threshold"] == pytest.approx(0.35) and sens[0]["valid_sensitivity"] == 1.0
+    assert operating_thresholds(y, p, "sensitivity", target_sensitivity=0.6)[0]["threshold"] == pytest.approx(0.7)
+
+
+def test_thresholds_are_stored_once_per_model_digest(params, tmp_path, monkeypatch):
+    import tasks.thresholds as th
+    from tasks.weights import load_agcnn, model_digest
+
+    model = load_agcnn(params.paths.models, params)
+    digest = model_digest(params.paths.models)
+    path = tmp_path / "thresholds.json"
+    first = th.load_or_compute_thresholds(params, model, "cpu", digest, path)
+    assert first["valid_images"] > 0 and len(first["classes"]) == 14
+    monkeypatch.setattr(th, "validation_predictions", lambda *a: pytest.fail("recomputed"))
+    assert th.load_or_compute_thresholds(params, model, "cpu", digest, path) == first
+    assert list(json.loads(path.read_text())) == [digest]
+
+
+def test_stopped_run_resumes_without_duplicates_or_losses(params, nih_inputs, tmp_path):
+    out = tmp_path / "out"
+    partial = _score(params, nih_inputs, out, stop_after_batches=2)
+    assert partial["stopped_after_batches"] == 2 and len(list((out / "parts").glob("part-*.parquet"))) == 2
+    assert not (out / "scores.parquet").exists()
+    rest = _score(params, nih_inputs, out)
+    assert rest["scored"] == 24 - 8 and rest["already_scored"] == 8
+    assert not list((out / "parts").glob("*"))
+    _assert_same_as_clean(_scores(out), _scores_clean(params, nih_inputs, tmp_path / "clean"))
+
+
+def _scores_clean(params, inputs, out) -> pd.DataFrame:
+    _score(params, inputs, out)
+    return _scores(out)
+
+
+def _assert_same_as_clean(df: pd.DataFrame, clean: pd.DataFrame) -> None:
+    assert not df["sha256"].duplicated().any() and len(df) == len(clean)
+    df, clean = df.set_index("sha256").sort_index(), clean.set_index("sha256").sort_index()
+    assert list(df.index) == list(clean.index) and (df["status"] == clean["status"]).all()
+    np.testing.assert_allclose(df[list(LABEL_COLUMNS)], clean[list(LABEL_COLUMNS)], atol=1e-5)
+    assert (df[["box_y0", "box_x0", "box_y1", "box_x1"]] == clean[["box_y0", "box_x0", "box_y1", "box_x1"]]).all().all()
+
+
+def test_cli_killed_midway_then_rerun_finishes_cleanly(params, nih_inputs, tmp_path, prefect_server):
+    params_file = _write_params(params.model_copy(update={"score": params.score.model_copy(update={"batch_size": 2})}),
+                                tmp_path / "params.yaml")
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.Popen([str(VENV_BIN / "cxr"), "--params", str(params_file), "score", "--input", str(nih_inputs),
+                             "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / "parts").glob("part-*.parquet")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before writing a part"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "scores.parquet").exists()
+    done_before = len(pd.concat(pd.read_parquet(p) for p in (out / "parts").glob("part-*.parquet")))
+    assert 0 < done_before < 24
+
+    result = run_cxr("--params", str(params_file), "score", "--input", str(nih_inputs), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["already_scored"] == done_before and summary["scored"] == 24 - done_before
+    _assert_same_as_clean(_scores(out), _scores_clean(params, nih_inputs, tmp_path / "clean"))
+
+
+def test_flow_publishes_artifacts_to_prefect(params, tmp_path, prefect_server):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.score import score_flow
+
+    summary = score_flow(params, STUDIES, tmp_path / "out")
+    assert Path(summary["report"]).exists() and "studies" not in summary
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[summary["flow_run_id"]])))
+
+    found = {a.key: a for a in asyncio.run(artifacts())}
+    assert {"cxr-score-table", "cxr-score-report", "cxr-score-summary"} <= set(found)
+    table = found["cxr-score-table"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert {r["study_id"] for r in table} == {"00000001_000.png", "Fake_MONOHR1.dcm"}
+    assert "report.html" in found["cxr-score-report"].data
+    assert summary["message"] in found["cxr-score-summary"].data
+
+
+def test_bad_batch_inputs_are_data_errors(params, tmp_path, prefect_server):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="not found"):
+        _score(params, tmp_path / "missing", tmp_path / "out")
+    with pytest.raises(DataError, match="no files"):
+        _score(params, empty, tmp_path / "out")
+    no_models = params.model_copy(update={"paths": params.paths.model_copy(update={"models": tmp_path / "none"})})
+    with pytest.raises(DataError, match="model weights missing"):
+        _score(no_models, STUDIES, tmp_path / "out")
+    result = run_cxr("--params", str(_write_params(params, tmp_path / "p.yaml")), "score", "--input", str(empty),
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "no files to score" in result.stderr and "Traceback" not in result.stderr
