@@ -7,6 +7,7 @@ paragraph on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -16,12 +17,17 @@ from pathlib import Path
 from cxr.errors import DataError
 
 
+def _is_disk_full(exc: BaseException | None) -> bool:
+    # pyarrow raises a plain OSError without errno, naming the cause only in its text.
+    return isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc))
+
+
 class _QuietDataErrors(logging.Filter):
-    """Drop the traceback from Prefect's log records of a DataError: it is bad data, not a bug."""
+    """Drop the traceback from Prefect's log records of bad data or a full disk: neither is a bug."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, DataError):
+        if isinstance(exc, DataError) or _is_disk_full(exc):
             record.exc_info = None
             record.exc_text = None
             record.msg = f"{record.getMessage().splitlines()[0]} {exc}"
@@ -121,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         message = textwrap.fill(str(exc), width=100, break_long_words=False, break_on_hyphens=False)
         print(f"cxr {args.command}: error: {message}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if not _is_disk_full(exc):
+            raise
+        # Every writer goes through cxr.atomic: the temporary file is gone and the previous
+        # output is untouched, so saying so is accurate.
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"cxr {args.command}: error: the disk is full{where} ({exc.strerror}); nothing was "
+              "replaced: the previous outputs are intact. Free some space and run the command again.", file=sys.stderr)
+        return 3
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -1,0 +1,127 @@
+"""Fault injection with real processes: SIGKILL mid-epoch and mid-DVC-stage, a full disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tasks.train import train_stage
+from tasks.weights import digest_file
+from tests.conftest import ROOT, VENV_BIN, make_params, run_cxr
+from tests.test_orchestration import _fresh_copy
+
+
+def _params_file(params, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False))
+    return path
+
+
+def _spawn(args, env, cwd=ROOT):
+    full = dict(os.environ, **env, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
+    # Own process group, so SIGKILL reaches every child (DVC runs `cxr` in a shell).
+    return subprocess.Popen(args, cwd=cwd, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(predicate, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended before the kill point: {proc.stdout.read().decode()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("kill point not reached")
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+    except Exception:
+        return -1
+
+
+def test_sigkill_mid_epoch_resumes_to_the_uninterrupted_result(workspace, tmp_path, prefect_server):
+    base = make_params(workspace, epochs=3)
+    clean = base.model_copy(update={"paths": base.paths.model_copy(update={"models": tmp_path / "clean", "metrics": tmp_path / "mc"})})
+    killed = base.model_copy(update={"paths": base.paths.model_copy(update={"models": tmp_path / "killed", "metrics": tmp_path / "mk"})})
+    params_file = _params_file(killed, tmp_path / "params.yaml")
+    ckpt = tmp_path / "killed" / "checkpoints" / "global.pt"
+
+    proc = _spawn([str(VENV_BIN / "cxr"), "--params", str(params_file), "train", "--stage", "global"], {"PREFECT_API_URL": prefect_server})
+    # Kill inside epoch 2: epoch 1 (index 0) is checkpointed, epoch 2 is running.
+    _wait_for(lambda: _checkpoint_epoch(ckpt) == 0, proc)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "global.safetensors").exists()
+    before = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert before["epoch"] == 0
+
+    resumed = run_cxr("--params", str(params_file), "train", "--stage", "global")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    import json
+
+    history = json.loads((tmp_path / "mk" / "train_global.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    # Epoch 0 was not redone: its record (with its wall time) is the one from before the kill.
+    assert history[0] == json.loads(before["history"])[0]
+
+    train_stage(clean, "global", progress=False)
+    assert digest_file(tmp_path / "clean" / "global.safetensors") == digest_file(tmp_path / "killed" / "global.safetensors")
+
+
+def test_sigkill_during_a_dvc_stage_then_repro_completes_bitwise(tmp_path, prefect_server):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _fresh_copy(repo)
+    env = {"PREFECT_API_URL": prefect_server}
+    proc = _spawn([str(VENV_BIN / "dvc"), "repro", "synth"], env, cwd=repo)
+    images = repo / "data" / "raw" / "images"
+    _wait_for(lambda: images.exists() and len(os.listdir(images)) > 50, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # DVC's own lock is stale after a SIGKILL; rerunning must still work.
+    full = dict(os.environ, **env, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run([str(VENV_BIN / "dvc"), "repro", "synth"], cwd=repo, env=full, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    # The committed dvc.lock holds the hashes of an uninterrupted run with these params.
+    committed = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]["synth"]["outs"]
+    rerun = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["synth"]["outs"]
+    assert {o["path"]: o["md5"] for o in rerun} == {o["path"]: o["md5"] for o in committed}
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_keeps_previous_output_and_says_so(workspace, tiny_disk, prefect_server):
+    params = make_params(workspace)
+    out = tiny_disk / "processed"
+    out.mkdir()
+    previous = b"previous complete splits"
+    (out / "splits.parquet").write_bytes(previous)
+    # Leave a few kilobytes: enough to start writing, not enough to finish.
+    filler = tiny_disk / "filler"
+    free = shutil.disk_usage(tiny_disk).free
+    filler.write_bytes(b"\0" * max(0, free - 8 * 1024))
+    result = run_cxr("split", "--metadata", str(params.paths.interim / "metadata.parquet"), "--out", str(out))
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "disk is full" in result.stderr and "previous outputs are intact" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (out / "splits.parquet").read_bytes() == previous
+    assert not [p for p in out.rglob("*.tmp")]
