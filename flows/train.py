@@ -8,12 +8,16 @@ from prefect import flow
 
 from cxr.config import Params
 from tasks.ingest import packaged_metadata_path
-from tasks.prefect_tasks import evaluate_task, train_task
+from tasks.prefect_tasks import evaluate_task, register_task, train_task
 
 
 @flow(name="train", log_prints=True, flow_run_name="train-{stage}")
 def train_flow(params: Params, stage: str) -> dict:
-    return train_task(params, stage)
+    summary = train_task(params, stage)
+    if stage == "fusion":
+        # The three stages now form one model: record it so scoring can verify its weights.
+        summary["registered"] = register_task(params)["digest"]
+    return summary
 
 
 @flow(name="evaluate", log_prints=True)
@@ -26,4 +30,4 @@ def evaluate_flow(params: Params) -> dict:
 
 @flow(name="train-all", log_prints=True)
 def train_all_flow(params: Params) -> dict:
-    return {stage: train_task(params, stage) for stage in ("global", "local", "fusion")}
+    return {stage: train_flow(params, stage) for stage in ("global", "local", "fusion")}

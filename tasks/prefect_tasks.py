@@ -45,6 +45,13 @@ def train_task(params, stage: str, **kwargs) -> dict:
     return train_stage(params, stage, **kwargs)
 
 
+@_task("register-model")
+def register_task(params) -> dict:
+    from tasks.registry import register
+
+    return register(params)
+
+
 @_task("evaluate")
 def evaluate_task(params, **kwargs) -> dict:
     from tasks.evaluate import evaluate

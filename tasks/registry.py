@@ -1,0 +1,85 @@
+"""The model registry: which AG-CNN weights exist, what they were trained on, and a gate that
+refuses to score with weights that are not the registered ones.
+
+`data/models/registry.json` records, per model (the digest of its three weight files), each
+stage's file digest, the backbone, the labels and the training data version (digests of the
+metadata and the split it was trained on). Scoring checks the files on disk against it, so a
+weight file swapped in from somewhere else is refused instead of silently used.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+
+from cxr.atomic import atomic_write_json
+from cxr.errors import DataError
+from tasks.weights import STAGES, digest_file, load_weights, model_digest
+
+REGISTRY = "registry.json"
+
+
+def data_version(processed: Path, interim: Path) -> str:
+    """Digest of the metadata and split a model was trained on."""
+    h = hashlib.sha256()
+    for path in (Path(interim) / "metadata.parquet", Path(processed) / "splits.parquet", Path(processed) / "class_weights.json"):
+        h.update(digest_file(path).encode() if path.exists() else b"missing")
+    return h.hexdigest()
+
+
+def read_registry(models_dir: Path) -> dict:
+    path = Path(models_dir) / REGISTRY
+    if not path.exists():
+        return {"current": None, "models": {}}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"model registry is not valid JSON ({exc})", where=str(path)) from None
+
+
+def register(params) -> dict:
+    """Record the three stages now in `paths.models` as the current model."""
+    models_dir = Path(params.paths.models)
+    stages = {}
+    for stage in STAGES:
+        path = models_dir / f"{stage}.safetensors"
+        _, meta = load_weights(path)
+        stages[stage] = {"file": path.name, "digest": digest_file(path), "best_epoch": meta.get("best_epoch"),
+                         "best_valid_mean_auroc": meta.get("best_valid_mean_auroc"), "upstream": meta.get("upstream", {})}
+    # The chain must be consistent: local trained on this global, fusion on this global+local.
+    for stage in ("local", "fusion"):
+        for up, digest in stages[stage]["upstream"].items():
+            if stages[up]["digest"] != digest:
+                raise DataError(f"{stage} weights were trained on another {up} model ({digest[:12]}, on disk {stages[up]['digest'][:12]}); "
+                                f"retrain the {stage} stage", where=str(models_dir))
+    _, meta = load_weights(models_dir / "fusion.safetensors")
+    digest = model_digest(models_dir)
+    registry = read_registry(models_dir)
+    registry["models"][digest] = {
+        "digest": digest, "backbone": params.model.backbone, "labels": meta.get("labels"),
+        "image_size": params.model.image_size, "local_size": params.model.local_size,
+        "training_data_version": data_version(params.paths.processed, params.paths.interim),
+        "stages": stages, "registered_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    registry["current"] = digest
+    atomic_write_json(models_dir / REGISTRY, registry)
+    return registry["models"][digest]
+
+
+def verify(models_dir: Path) -> dict:
+    """The registry entry of the weights on disk; DataError when they are not registered."""
+    models_dir = Path(models_dir)
+    registry = read_registry(models_dir)
+    if not registry["models"]:
+        raise DataError("no model registry; train the fusion stage (it registers the model) before scoring", where=str(models_dir / REGISTRY))
+    digest = model_digest(models_dir)
+    entry = registry["models"].get(digest)
+    if entry is None:
+        current = registry["models"].get(registry.get("current") or "", {})
+        mismatched = [s for s in STAGES if current and current["stages"][s]["digest"] != digest_file(models_dir / f"{s}.safetensors")]
+        detail = f" ({', '.join(mismatched)} weights differ from the registered ones)" if mismatched else ""
+        raise DataError(f"the weights on disk (digest {digest[:12]}) are not in the model registry{detail}; refusing to use "
+                        "unregistered weights", where=str(models_dir))
+    return entry
