@@ -28,6 +28,23 @@ class Paths(_Strict):
     models: Path = Path("data/models")
     metrics: Path = Path("data/metrics")
     reports: Path = Path("data/reports")
+    # Every path above must resolve (symlinks followed) inside one of these folders, so a
+    # params file cannot point the workflow at, or make it write into, anything else.
+    roots: tuple[Path, ...] = (Path("data"),)
+
+    @model_validator(mode="after")
+    def _confined(self):
+        roots = [r.resolve() for r in self.roots]
+        for name in type(self).model_fields:
+            if name == "roots":
+                continue
+            path = getattr(self, name).resolve()
+            if not any(path == r or r in path.parents for r in roots):
+                raise ValueError(
+                    f"paths.{name} resolves to {path}, outside the data roots ({', '.join(map(str, roots))}); "
+                    "add its folder to paths.roots if it is meant to be used"
+                )
+        return self
 
 
 class SynthParams(_Strict):

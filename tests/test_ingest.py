@@ -66,3 +66,21 @@ def test_non_numeric_age_names_the_row(sample_csv, tmp_path):
     bad.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"age.*row 4"):
         read_metadata_csv(bad)
+
+
+def test_params_paths_are_confined_to_the_data_roots(tmp_path):
+    from cxr.config import load_params
+
+    bad = tmp_path / "params.yaml"
+    bad.write_text("paths:\n  models: /etc/cxr-models\n")
+    with pytest.raises(DataError, match=r"paths.models resolves to /etc/cxr-models, outside the data roots"):
+        load_params(bad)
+    # A symlink inside the root that leads outside is refused too.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "escape").symlink_to("/etc")
+    sneaky = tmp_path / "sneaky.yaml"
+    sneaky.write_text(f"paths:\n  roots: [{tmp_path / 'data'}]\n  raw: {tmp_path / 'data'}\n  images: {tmp_path / 'data/escape'}\n"
+                      f"  interim: {tmp_path / 'data'}\n  processed: {tmp_path / 'data'}\n  cache: {tmp_path / 'data'}\n"
+                      f"  models: {tmp_path / 'data'}\n  metrics: {tmp_path / 'data'}\n  reports: {tmp_path / 'data'}\n")
+    with pytest.raises(DataError, match="paths.images resolves to /etc"):
+        load_params(sneaky)
