@@ -24,6 +24,7 @@ demo: setup
 	scripts/with-prefect-server.sh dvc repro
 
 test: setup
+	scripts/install-chromium.sh
 	$(BIN)/python -m pytest -q
 
 ui: setup

@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="build the image cache (decode once) or the crop cache (after stage I)")
     p.add_argument("what", choices=("images", "crops"))
 
+    sub.add_parser("serve", help="serve the nightly-scoring Prefect deployment (cron from params; runs until stopped)")
+
     p = sub.add_parser("pipeline", help="run the data pipeline in one flow run (synth -> ingest -> split)")
     p.add_argument("--metadata", type=Path, help="NIH Data_Entry CSV (default: synthesize the demo data)")
     return parser
@@ -114,6 +116,11 @@ def _run(args: argparse.Namespace) -> dict:
         from flows.cache import cache_crops_flow, cache_images_flow
 
         return (cache_images_flow if args.what == "images" else cache_crops_flow)(params)
+    if args.command == "serve":
+        from flows.nightly import serve
+
+        serve(args.params)
+        return {"served": "nightly-scoring"}
     if args.command == "pipeline":
         return data.data_pipeline_flow(params, args.metadata)
     raise AssertionError(args.command)

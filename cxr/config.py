@@ -28,6 +28,8 @@ class Paths(_Strict):
     models: Path = Path("data/models")
     metrics: Path = Path("data/metrics")
     reports: Path = Path("data/reports")
+    # New studies land here; the nightly deployment scores what it has not scored before.
+    incoming: Path = Path("data/incoming")
     # Every path above must resolve (symlinks followed) inside one of these folders, so a
     # params file cannot point the workflow at, or make it write into, anything else.
     roots: tuple[Path, ...] = (Path("data"),)
@@ -144,6 +146,14 @@ class ScoreParams(_Strict):
     overlay_size: int = Field(384, ge=64, le=2048)
 
 
+class NightlyParams(_Strict):
+    """The `nightly-scoring` deployment served by `cxr serve`."""
+
+    cron: str = "0 2 * * *"
+    # IANA name; empty means the machine's local time zone.
+    timezone: str = ""
+
+
 class Params(_Strict):
     seed: int = 42
     paths: Paths = Paths()
@@ -154,6 +164,7 @@ class Params(_Strict):
     evaluate: EvaluateParams = EvaluateParams()
     cache: CacheParams = CacheParams()
     score: ScoreParams = ScoreParams()
+    nightly: NightlyParams = NightlyParams()
 
 
 def load_params(path: str | Path | None = "params.yaml") -> Params:

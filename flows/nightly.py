@@ -1,0 +1,64 @@
+"""The nightly deployment: score what arrived in the incoming folder, one dated report a night.
+
+Scores accumulate in one store (`paths.reports/nightly`), so a study scored on Monday is not
+scored again on Tuesday by the same model; each night's report is also kept in a dated folder
+(`paths.reports/nightly/YYYY-MM-DD/report.html`) beside the store's per-run pages.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+from prefect import flow
+
+from cxr.atomic import atomic_path, atomic_write_json
+from cxr.config import load_params
+from flows.score import score_flow
+
+DEPLOYMENT = "nightly-scoring"
+
+
+@flow(name="nightly-scoring", log_prints=True)
+def nightly_scoring_flow(params_file: str = "params.yaml", day: str | None = None) -> dict:
+    params = load_params(params_file)
+    store = Path(params.paths.reports) / "nightly"
+    day = day or dt.date.today().isoformat()
+    incoming = Path(params.paths.incoming)
+    incoming.mkdir(parents=True, exist_ok=True)
+    summary = score_flow(params, incoming, store)
+    dated = store / day
+    # The run's page sits at the same depth as the dated folder, so its relative links hold.
+    with atomic_path(dated / "report.html") as tmp:
+        shutil.copyfile(store / "reports" / f"{summary['run_id']}.html", tmp)
+    atomic_write_json(dated / "summary.json", summary)
+    print(f"nightly scoring {day}: {summary['message']}; report {dated / 'report.html'}")
+    return {**summary, "dated_report": str(dated / "report.html")}
+
+
+def local_timezone() -> str:
+    try:
+        from tzlocal import get_localzone_name
+
+        return get_localzone_name() or "UTC"
+    except Exception:  # no zoneinfo on a minimal machine: UTC is the honest fallback
+        return "UTC"
+
+
+def serve(params_file: str) -> None:
+    """Serve the deployment on this process until interrupted (runs happen here, no worker)."""
+    from prefect import serve as prefect_serve
+    from prefect.schedules import Cron
+
+    params = load_params(params_file)
+    timezone = params.nightly.timezone or local_timezone()
+    deployment = nightly_scoring_flow.to_deployment(
+        name=DEPLOYMENT,
+        schedule=Cron(params.nightly.cron, timezone=timezone),
+        parameters={"params_file": str(Path(params_file).resolve())},
+        description="Score new studies in paths.incoming into a dated report folder.",
+        tags=["cxr", "scoring"],
+    )
+    print(f"serving {nightly_scoring_flow.name}/{DEPLOYMENT}: cron '{params.nightly.cron}' ({timezone})", flush=True)
+    prefect_serve(deployment)

@@ -1,0 +1,139 @@
+"""The Prefect side for real: a server started by the project, the data pipeline and a scoring
+run against it, flow runs, task runs and artifacts read back through the API, the nightly
+deployment served and triggered, and the UI page of the scoring run rendered in headless
+Chromium (screenshot kept in tests/output/)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, STUDIES, VENV_BIN, run_cxr
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+OUTPUT = ROOT / "tests" / "output"
+
+
+def _params_file(params, path: Path, **extra) -> Path:
+    data = params.model_dump(mode="json", by_alias=True)
+    data["paths"]["roots"] = list(data["paths"]["roots"]) + [str(path.parent)]
+    for key, value in extra.items():
+        data["paths"][key] = str(value)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _api(coro_fn):
+    from prefect.client.orchestration import get_client
+
+    async def run():
+        async with get_client() as client:
+            return await coro_fn(client)
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def scoring_run(trained, tmp_path_factory, prefect_server, sample_csv):
+    root = tmp_path_factory.mktemp("ui")
+    models = root / "models"
+    shutil.copytree(trained.paths.models, models, ignore=shutil.ignore_patterns("checkpoints"))
+    params_file = _params_file(trained, root / "params.yaml", models=models)
+    from tasks.registry import register
+    from cxr.config import load_params
+
+    register(load_params(params_file))
+    pipeline = run_cxr("--params", str(params_file), "pipeline", "--metadata", str(sample_csv))
+    assert pipeline.returncode == 0, pipeline.stderr[-3000:]
+    scored = run_cxr("--params", str(params_file), "score", "--input", str(STUDIES), "--out", str(root / "scores"))
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    return {"root": root, "params_file": params_file, "summary": json.loads(scored.stdout), "pipeline": json.loads(pipeline.stdout)}
+
+
+def test_flow_runs_task_runs_and_artifacts_through_the_api(scoring_run):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    run_id = scoring_run["summary"]["flow_run_id"]
+
+    async def read(client):
+        run = await client.read_flow_run(run_id)
+        flows = {f.id: f.name for f in await client.read_flows()}
+        runs = await client.read_flow_runs()
+        tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        artifacts = await client.read_artifacts()
+        return run, flows, runs, tasks, artifacts
+
+    run, flows, runs, tasks, artifacts = _api(read)
+    assert run.state.is_completed()
+    names = {flows[r.flow_id] for r in runs if r.state and r.state.is_completed()}
+    assert {"data-pipeline", "score"} <= names
+    assert {"score", "report"} <= {t.name.rsplit("-", 1)[0] for t in tasks}
+    mine = [a for a in artifacts if a.flow_run_id == run.id]
+    assert {"cxr-score-table", "cxr-score-report"} <= {a.key for a in mine}
+    table = next(a for a in mine if a.key == "cxr-score-table")
+    assert "00000001_000" in json.dumps(table.data)
+
+
+def test_ui_page_of_the_scoring_run_renders_in_chromium(scoring_run, prefect_server):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is missing: `make test` installs it (scripts/install-chromium.sh)")
+    ui = prefect_server.removesuffix("/api")
+    url = f"{ui}/runs/flow-run/{scoring_run['summary']['flow_run_id']}"
+    OUTPUT.mkdir(exist_ok=True)
+    shot = OUTPUT / "prefect-ui-scoring-run.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={scoring_run['root'] / 'chromium'}", "--window-size=1400,1000", "--virtual-time-budget=20000"]
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    run = _api(lambda c: c.read_flow_run(scoring_run["summary"]["flow_run_id"]))
+    assert run.name in dom.stdout, "the flow run's page did not render its name"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=180, check=True)
+    assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_nightly_deployment_is_served_on_its_schedule_and_runs(scoring_run, prefect_server):
+    root = scoring_run["root"]
+    incoming = root / "incoming"
+    incoming.mkdir()
+    shutil.copy(STUDIES / "00000001_000.png", incoming / "a.png")
+    params_file = _params_file(__import__("cxr.config", fromlist=["load_params"]).load_params(scoring_run["params_file"]),
+                               root / "nightly.yaml", incoming=incoming)
+    env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", PREFECT_API_URL=prefect_server)
+    server = subprocess.Popen([str(VENV_BIN / "cxr"), "--params", str(params_file), "serve"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        deployment = None
+        while time.monotonic() < deadline and deployment is None:
+            try:
+                deployment = _api(lambda c: c.read_deployment_by_name("nightly-scoring/nightly-scoring"))
+            except Exception:
+                assert server.poll() is None, server.stdout.read().decode()[-3000:]
+                time.sleep(1)
+        assert deployment is not None
+        schedule = deployment.schedules[0].schedule
+        assert schedule.cron == "0 2 * * *" and schedule.timezone
+        from prefect.deployments import run_deployment
+
+        flow_run = run_deployment("nightly-scoring/nightly-scoring", parameters={"day": "2026-01-02"}, timeout=300)
+        assert flow_run.state.is_completed(), flow_run.state
+        report = Path(yaml.safe_load(params_file.read_text())["paths"]["reports"]) / "nightly" / "2026-01-02"
+        assert (report / "report.html").exists() and json.loads((report / "summary.json").read_text())["scored"] == 1
+        # The next night finds nothing new.
+        again = run_deployment("nightly-scoring/nightly-scoring", parameters={"day": "2026-01-03"}, timeout=300)
+        assert again.state.is_completed()
+        second = json.loads((report.parent / "2026-01-03" / "summary.json").read_text())
+        assert second["scored"] == 0 and second["already_scored"] == 1
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
