@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test ui bench clean
+.PHONY: setup demo test ui bench clean corpus
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ ui: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_ingest_split.py
 	$(BIN)/python benchmarks/bench_attention.py
+
+# The bad-input corpus (generated, never committed): images/DICOMs and faulty metadata CSVs.
+corpus: setup
+	$(BIN)/python tests/data/make_bad_corpus.py tests/data/bad/images
+	$(BIN)/python tests/data/make_bad_metadata.py ../shared/data/nih-sample-64/Data_Entry_sample.csv tests/data/bad/metadata
 
 clean:
 	rm -rf data/raw data/interim data/processed data/cache data/models data/metrics data/reports .prefect

@@ -5,46 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import NIH_SAMPLE, run_cxr
-
-HEADER = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
-
-
-def _rows(sample_csv) -> list[str]:
-    return sample_csv.read_text().splitlines()[1:40]
-
-
-def _edit(row: str, index: int, value: str) -> str:
-    fields = row.split(",")
-    fields[index] = value
-    return ",".join(fields)
-
-
-def _case(name, sample_csv):
-    rows = _rows(sample_csv)
-    if name == "empty":
-        return "", "empty"
-    if name == "header_only":
-        return HEADER + "\n", "empty \\(0 rows\\)"
-    if name == "missing_column":
-        header = HEADER.replace("Patient Age,", "")
-        body = [",".join(r.split(",")[:4] + r.split(",")[5:]) for r in rows]
-        return "\n".join([header, *body]) + "\n", "Patient Age|age"
-    if name == "duplicate_id":
-        return "\n".join([HEADER, *rows, rows[0]]) + "\n", rows[0].split(",")[0]
-    if name == "age_out_of_range":
-        rows[5] = _edit(rows[5], 4, "148")
-        return "\n".join([HEADER, *rows]) + "\n", "148"
-    if name == "unknown_label":
-        rows[6] = _edit(rows[6], 1, "Cardiomegaly|Pneumonitis")
-        return "\n".join([HEADER, *rows]) + "\n", "Pneumonitis"
-    if name == "no_finding_with_pathology":
-        rows[7] = _edit(rows[7], 1, "No Finding|Mass")
-        return "\n".join([HEADER, *rows]) + "\n", rows[7].split(",")[0]
-    if name == "patient_contradicts_name":
-        rows[8] = _edit(rows[8], 3, "99999")
-        return "\n".join([HEADER, *rows]) + "\n", rows[8].split(",")[0]
-    raise AssertionError(name)
-
+from tests.data.make_bad_metadata import make_bad_metadata
 
 CASES = ["empty", "header_only", "missing_column", "duplicate_id", "age_out_of_range", "unknown_label",
          "no_finding_with_pathology", "patient_contradicts_name"]
@@ -54,9 +15,9 @@ CASES = ["empty", "header_only", "missing_column", "duplicate_id", "age_out_of_r
 def test_bad_metadata_is_refused_cleanly(name, sample_csv, tmp_path, prefect_server):
     import re
 
-    text, expected = _case(name, sample_csv)
-    bad = tmp_path / f"{name}.csv"
-    bad.write_text(text)
+    manifest = make_bad_metadata(sample_csv, tmp_path / "bad")
+    bad = tmp_path / "bad" / f"{name}.csv"
+    expected = manifest[bad.name]
     out = tmp_path / "interim"
     out.mkdir()
     previous = out / "metadata.parquet"
