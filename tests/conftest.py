@@ -74,7 +74,7 @@ def make_params(root: Path, **global_stage) -> "Params":
         "seed": 3,
         "paths": {"raw": str(root / "raw"), "images": str(NIH_SAMPLE / "images"), "interim": str(root / "interim"),
                   "processed": str(root / "processed"), "models": str(root / "models"), "metrics": str(root / "metrics"),
-                  "reports": str(root / "reports"), "cache": str(root / "cache"), "roots": [str(root), str(NIH_SAMPLE)]},
+                  "reports": str(root / "reports"), "cache": str(root / "cache"), "incoming": str(root / "incoming"), "roots": [str(root), str(NIH_SAMPLE)]},
         "model": {"backbone": "resnet18", "image_size": 64, "local_size": 64},
         "train": {"global": {**stage, **global_stage}, "local": stage, "fusion": stage},
         "evaluate": {"bootstrap": 20},
