@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one AG-CNN stage (global, then local, then fusion)")
     p.add_argument("--stage", choices=("global", "local", "fusion"), required=True)
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DistributedDataParallel; gloo on CPU, NCCL on GPU)")
 
     sub.add_parser("evaluate", help="test-split AUROC (global, local, fusion), bootstrap CIs, ROC points, localization IoU")
 
@@ -101,7 +102,7 @@ def _run(args: argparse.Namespace) -> dict:
     if args.command in ("train", "evaluate"):
         from flows import train
     if args.command == "train":
-        summary = train.train_flow(params, args.stage)
+        summary = train.train_flow(params, args.stage, nproc=args.nproc)
         return {k: v for k, v in summary.items() if k != "history"}
     if args.command == "evaluate":
         report = train.evaluate_flow(params)

@@ -12,8 +12,8 @@ from tasks.prefect_tasks import evaluate_task, register_task, train_task
 
 
 @flow(name="train", log_prints=True, flow_run_name="train-{stage}")
-def train_flow(params: Params, stage: str) -> dict:
-    summary = train_task(params, stage)
+def train_flow(params: Params, stage: str, nproc: int = 1) -> dict:
+    summary = train_task(params, stage, nproc=nproc)
     if stage == "fusion":
         # The three stages now form one model: record it so scoring can verify its weights.
         summary["registered"] = register_task(params)["digest"]

@@ -39,10 +39,10 @@ split_task = _task("split")(run_split)
 # Torch-heavy work is imported when it runs, so that `cxr ingest` does not pay seconds
 # loading torchvision and scikit-learn it never uses.
 @_task("train-stage")
-def train_task(params, stage: str, **kwargs) -> dict:
-    from tasks.train import train_stage
+def train_task(params, stage: str, nproc: int = 1, **kwargs) -> dict:
+    from tasks.distributed import train_distributed
 
-    return train_stage(params, stage, **kwargs)
+    return train_distributed(params, stage, nproc, **kwargs)
 
 
 @_task("register-model")

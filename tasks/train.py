@@ -107,6 +107,13 @@ class StageModel(torch.nn.Module):
         return self.forward_cached(to_input(crops, device), pooled.to(device, non_blocking=True))
 
 
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed (torchrun or `cxr train --nproc`), else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def _fingerprint(stage: str, params: Params, inputs: list[Path], extra: str = "") -> str:
     """What a checkpoint is valid for: the stage's params and the digests of its inputs
     (`extra`: the crop cache key when the stage reads it)."""
@@ -163,7 +170,12 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
     paths, sp = params.paths, params.train.stage(stage)
     models_dir = Path(paths.models)
     torch.manual_seed(params.seed)
+    rank, world = distributed_rank_world()
     device = pick_device(params.train.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    lead = rank == 0  # only rank 0 writes checkpoints, weights and metrics
     splits_path = Path(paths.processed) / "splits.parquet"
     weights_path = Path(paths.processed) / "class_weights.json"
     meta = read_metadata(Path(paths.interim) / "metadata.parquet")
@@ -208,19 +220,29 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
         log.info("resuming stage %s after epoch %d", stage, ckpt["epoch"])
     elif ckpt is not None:
         log.info("checkpoint %s was made for other params or inputs; starting over", ckpt_path)
+    core = model.trainable  # the unwrapped module: what is saved and restored
+    if world > 1:
+        # DDP averages gradients across ranks in backward; wrapping after the resume keeps
+        # checkpoints free of DDP's "module." prefix.
+        model.trainable = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
+    per_rank_batch = max(1, sp.batch_size // world)
 
     stage_offset = STAGES.index(stage)
     for epoch in range(start, sp.epochs):
         generator = torch.Generator().manual_seed(params.seed * 1_000_003 + stage_offset * 10_007 + epoch)
         order = torch.randperm(len(train.ids), generator=generator)
         flips = torch.rand(len(train.ids), generator=generator) < 0.5 if params.train.flip else None
+        if world > 1:
+            # DistributedSampler's scheme on our seeded order: pad to a multiple of the world
+            # size, then rank r takes every world-th index, so ranks step in lockstep.
+            order = torch.cat([order, order[: (-len(order)) % world]])[rank::world]
         loader = torch.utils.data.DataLoader(
-            make_dataset(train, flips), batch_size=sp.batch_size, sampler=order.tolist(),
+            make_dataset(train, flips), batch_size=per_rank_batch, sampler=order.tolist(),
             num_workers=params.train.workers, pin_memory=device.type == "cuda",
         )
         model.train()
         t0, losses, seen_y, seen_p = time.perf_counter(), [], [], []
-        bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{sp.epochs}", disable=not progress, leave=False)
+        bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{sp.epochs}", disable=not (progress and lead), leave=False)
         for step, (*inputs, labels) in enumerate(bar):
             y = labels.to(device)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
@@ -233,7 +255,7 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
             losses.append(loss.item())
             seen_y.append(labels.numpy())
             seen_p.append(torch.sigmoid(logits.detach().float()).cpu().numpy())
-            if progress and (step % 5 == 0 or step == len(loader) - 1):
+            if progress and lead and (step % 5 == 0 or step == len(loader) - 1):
                 running = mean_auroc(np.concatenate(seen_y), np.concatenate(seen_p))
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", auroc=f"{running:.3f}")
         scheduler.step()
@@ -243,25 +265,31 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
         history.append(record)
         if np.isfinite(valid_auroc) and valid_auroc > best_auroc or best_state is None:
             best_auroc, best_epoch = (valid_auroc if np.isfinite(valid_auroc) else best_auroc), epoch
-            best_state = copy.deepcopy({k: v.cpu() for k, v in model.trainable.state_dict().items()})
+            best_state = copy.deepcopy({k: v.cpu() for k, v in core.state_dict().items()})
         log.info("stage %s epoch %d: loss %.4f, valid mean AUROC %.4f", stage, epoch, record["loss"], valid_auroc)
-        _save_checkpoint(ckpt_path, {
-            "fingerprint": fingerprint, "epoch": epoch, "model": model.trainable.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-            "best_auroc": float(best_auroc), "best_epoch": best_epoch, "best_model": best_state, "history": json.dumps(history),
-        })
+        if lead:
+            _save_checkpoint(ckpt_path, {
+                "fingerprint": fingerprint, "epoch": epoch, "model": core.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                "best_auroc": float(best_auroc), "best_epoch": best_epoch, "best_model": best_state, "history": json.dumps(history),
+            })
+        if world > 1:
+            torch.distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             return {"stage": stage, "stopped_after_epoch": epoch}
 
-    model.trainable.load_state_dict(best_state)
+    core.load_state_dict(best_state)
+    model.trainable = core
+    if not lead:
+        return {"stage": stage, "rank": rank}
     metadata = {"stage": stage, "backbone": params.model.backbone, "labels": cw["labels"], "image_size": size,
                 "local_size": params.model.local_size, "best_epoch": best_epoch, "best_valid_mean_auroc": best_auroc,
                 "fingerprint": fingerprint, "upstream": {p.stem: digest_file(p) for p in upstream},
                 **({"crop_cache": crop_key} if crop_key else {})}
-    digest = save_weights(model.trainable, models_dir / f"{stage}.safetensors", metadata)
+    digest = save_weights(core, models_dir / f"{stage}.safetensors", metadata)
     per_class = auroc_per_class(valid.labels.numpy(), predict(model, valid, device, sp.batch_size))
     summary = {
-        "stage": stage, "device": device.type, "epochs": sp.epochs, "best_epoch": best_epoch,
+        "stage": stage, "device": device.type, "processes": world, "epochs": sp.epochs, "best_epoch": best_epoch,
         "best_valid_mean_auroc": best_auroc, "weights": str(models_dir / f"{stage}.safetensors"), "digest": digest,
         "valid_auroc": {l: (None if np.isnan(v) else round(float(v), 4)) for l, v in zip(cw["labels"], per_class)},
         "history": history,

@@ -24,10 +24,11 @@ from tests.data.make_bad_corpus import make_bad_corpus
 
 
 @pytest.fixture(scope="module")
-def params(trained, tmp_path_factory):
+def params(trained):
     """The trained params with a private copy of the models (thresholds.json is written there)."""
-    models = tmp_path_factory.mktemp("score-models") / "models"
-    shutil.copytree(trained.paths.models, models, ignore=shutil.ignore_patterns("checkpoints"))
+    # Beside the trained models, so the copy stays inside the workspace's data roots.
+    models = Path(trained.paths.models).parent / "score-models"
+    shutil.copytree(trained.paths.models, models, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
     return trained.model_copy(update={"paths": trained.paths.model_copy(update={"models": models}),
                                       "score": trained.score.model_copy(update={"batch_size": 4, "overlay_size": 128})})
 
@@ -45,6 +46,14 @@ def _score(params, input_dir, out_dir, **kw):
     from tasks.score import score_studies
 
     return score_studies(params, input_dir, out_dir, **kw)
+
+
+@pytest.fixture(scope="module")
+def clean_nih(params, nih_inputs, tmp_path_factory) -> pd.DataFrame:
+    """Scores of one uninterrupted run over `nih_inputs`: what every resumed run must equal."""
+    out = tmp_path_factory.mktemp("clean")
+    _score(params, nih_inputs, out)
+    return _scores(out)
 
 
 def _scores(out_dir) -> pd.DataFrame:
@@ -145,7 +154,7 @@ def test_thresholds_are_stored_once_per_model_digest(params, tmp_path, monkeypat
 
     model = load_agcnn(params.paths.models, params)
     digest = model_digest(params.paths.models)
-    path = tmp_path / "thresholds.json"
+    path = params.paths.models / "thresholds.json"  # usually computed by an earlier test already
     first = th.load_or_compute_thresholds(params, model, "cpu", digest, path)
     assert first["valid_images"] > 0 and len(first["classes"]) == 14
     monkeypatch.setattr(th, "validation_predictions", lambda *a: pytest.fail("recomputed"))
@@ -153,7 +162,7 @@ def test_thresholds_are_stored_once_per_model_digest(params, tmp_path, monkeypat
     assert list(json.loads(path.read_text())) == [digest]
 
 
-def test_stopped_run_resumes_without_duplicates_or_losses(params, nih_inputs, tmp_path):
+def test_stopped_run_resumes_without_duplicates_or_losses(params, nih_inputs, clean_nih, tmp_path):
     out = tmp_path / "out"
     partial = _score(params, nih_inputs, out, stop_after_batches=2)
     assert partial["stopped_after_batches"] == 2 and len(list((out / "parts").glob("part-*.parquet"))) == 2
@@ -161,12 +170,7 @@ def test_stopped_run_resumes_without_duplicates_or_losses(params, nih_inputs, tm
     rest = _score(params, nih_inputs, out)
     assert rest["scored"] == 24 - 8 and rest["already_scored"] == 8
     assert not list((out / "parts").glob("*"))
-    _assert_same_as_clean(_scores(out), _scores_clean(params, nih_inputs, tmp_path / "clean"))
-
-
-def _scores_clean(params, inputs, out) -> pd.DataFrame:
-    _score(params, inputs, out)
-    return _scores(out)
+    _assert_same_as_clean(_scores(out), clean_nih)
 
 
 def _assert_same_as_clean(df: pd.DataFrame, clean: pd.DataFrame) -> None:
@@ -177,7 +181,7 @@ def _assert_same_as_clean(df: pd.DataFrame, clean: pd.DataFrame) -> None:
     assert (df[["box_y0", "box_x0", "box_y1", "box_x1"]] == clean[["box_y0", "box_x0", "box_y1", "box_x1"]]).all().all()
 
 
-def test_cli_killed_midway_then_rerun_finishes_cleanly(params, nih_inputs, tmp_path, prefect_server):
+def test_cli_killed_midway_then_rerun_finishes_cleanly(params, nih_inputs, clean_nih, tmp_path, prefect_server):
     params_file = _write_params(params.model_copy(update={"score": params.score.model_copy(update={"batch_size": 2})}),
                                 tmp_path / "params.yaml")
     out = tmp_path / "out"
@@ -200,7 +204,7 @@ def test_cli_killed_midway_then_rerun_finishes_cleanly(params, nih_inputs, tmp_p
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["already_scored"] == done_before and summary["scored"] == 24 - done_before
-    _assert_same_as_clean(_scores(out), _scores_clean(params, nih_inputs, tmp_path / "clean"))
+    _assert_same_as_clean(_scores(out), clean_nih)
 
 
 def test_flow_publishes_artifacts_to_prefect(params, tmp_path, prefect_server):
