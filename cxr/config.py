@@ -104,6 +104,8 @@ class TrainParams(_Strict):
     workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     flip: bool = True
+    # On CUDA: NHWC memory lets tensor cores run the convolutions without transposes.
+    channels_last: bool = True
     global_: StageParams = Field(StageParams(), alias="global")
     local: StageParams = StageParams()
     fusion: StageParams = StageParams()
@@ -125,6 +127,17 @@ class CacheParams(_Strict):
     enabled: bool = True
 
 
+class DaskParams(_Strict):
+    """Fan-out of the mapped cache builds to Dask worker processes (Prefect's DaskTaskRunner)."""
+
+    enabled: bool = False
+    # Scheduler of an existing Dask cluster ("tcp://host:8786"); empty starts a local one per run.
+    address: str = ""
+    # Local cluster size: worker processes x threads each, sized to the cores.
+    workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+
+
 class EvaluateParams(_Strict):
     bootstrap: int = Field(200, ge=0)
 
@@ -142,6 +155,8 @@ class ScoreParams(_Strict):
     # Loader limits: a decompression-bomb guard and the smallest plausible radiograph side.
     max_pixels: int = Field(60_000_000, ge=1)
     min_side: int = Field(32, ge=1)
+    # Files larger than this are rejected unread: no radiograph is this big, a mistaken upload may be.
+    max_bytes: int = Field(200_000_000, ge=1)
     # Longest side of the radiograph panels in the overlay PNGs.
     overlay_size: int = Field(384, ge=64, le=2048)
 
@@ -165,6 +180,7 @@ class Params(_Strict):
     cache: CacheParams = CacheParams()
     score: ScoreParams = ScoreParams()
     nightly: NightlyParams = NightlyParams()
+    dask: DaskParams = DaskParams()
 
 
 def load_params(path: str | Path | None = "params.yaml") -> Params:

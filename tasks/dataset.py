@@ -59,7 +59,9 @@ def load_split(meta, splits, split: str, image_dir: Path, size: int, cache_dir: 
 def to_input(pixels: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """(B, H, W) uint8 -> (B, 3, H, W) float normalised network input on `device`."""
     x = pixels.to(device, non_blocking=True).float().div_(255.0).unsqueeze(1).expand(-1, 3, -1, -1)
-    return (x - IMAGENET_MEAN.to(device)) / IMAGENET_STD.to(device)
+    x = (x - IMAGENET_MEAN.to(device)) / IMAGENET_STD.to(device)
+    # NHWC on CUDA matches a channels-last model; on the CPU NCHW is what the kernels like.
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
 
 
 class PixelDataset(torch.utils.data.Dataset):

@@ -201,6 +201,8 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
 
     upstream = [models_dir / f"{s}.safetensors" for s in STAGES[: STAGES.index(stage)]]
     model = StageModel(stage, params, models_dir).to(device)
+    if device.type == "cuda" and params.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     fingerprint = _fingerprint(stage, params, [splits_path, weights_path, *upstream], crop_key)
     criterion = WeightedBCE(torch.tensor(cw["pos_weight"]), torch.tensor(cw["neg_weight"])).to(device)
     optimizer = torch.optim.SGD(model.trainable.parameters(), lr=sp.lr, momentum=sp.momentum, weight_decay=sp.weight_decay)
