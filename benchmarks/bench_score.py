@@ -32,11 +32,12 @@ from cxr.labels import PATHOLOGIES  # noqa: E402
 
 
 def make_models(models_dir: Path, params: Params) -> None:
-    """Random AG-CNN weights plus flat 0.5 thresholds (there is no validation split here)."""
+    """Random AG-CNN weights, registered (scoring refuses unregistered ones), plus flat 0.5 thresholds."""
     import torch
 
     from models.branch import build_branch
     from models.fusion import FusionHead
+    from tasks.registry import register
     from tasks.thresholds import rule_key
     from tasks.weights import model_digest, save_weights
 
@@ -45,6 +46,7 @@ def make_models(models_dir: Path, params: Params) -> None:
     save_weights(build_branch("resnet18"), models_dir / "global.safetensors", {**meta, "stage": "global"})
     save_weights(build_branch("resnet18"), models_dir / "local.safetensors", {**meta, "stage": "local"})
     save_weights(FusionHead(512, 512), models_dir / "fusion.safetensors", {**meta, "stage": "fusion"})
+    register(params)
     entry = {"rule": rule_key(params), "data_version": "benchmark", "valid_images": 0,
              "classes": {p: {"threshold": 0.5, "source": "benchmark"} for p in PATHOLOGIES}}
     atomic_write_json(models_dir / "thresholds.json", {model_digest(models_dir): {rule_key(params): entry}})

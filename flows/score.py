@@ -27,7 +27,8 @@ def _publish(summary: dict, report: Path) -> None:
     create_markdown_artifact(key="cxr-score-summary", description="Scoring run summary", markdown="\n".join([
         f"# Scoring run {summary['run_id']}", "", f"**{summary['message']}.**", "",
         f"- scored {summary['scored']}, rejected {summary['rejected']}, already scored {summary['already_scored']}",
-        f"- model digest `{summary['model_digest']}`", f"- training data version `{summary['data_version']}`",
+        f"- model digest `{summary['model_digest']}` (backbone {summary.get('backbone')}, registered)",
+        f"- training data version `{summary.get('training_data_version')}` (registry)",
         f"- report: [{report}]({Path(report).resolve().as_uri()})", "", f"_{NOT_A_DEVICE}_"]))
 
 

@@ -9,6 +9,8 @@ export PREFECT_HOME="${PREFECT_HOME:-$PWD/.prefect}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 PORT="${CXR_PREFECT_PORT:-4200}"
 HOST=127.0.0.1
+# The UI's browser code calls this URL; without it the UI assumes port 4200.
+export PREFECT_UI_API_URL="http://$HOST:$PORT/api"
 PREFECT=".venv/bin/prefect"
 mkdir -p "$PREFECT_HOME"
 pidfile="$PREFECT_HOME/server.pid"

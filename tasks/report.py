@@ -54,7 +54,9 @@ def render_html(summary: dict, rows: pd.DataFrame, base: str = "") -> str:
            f"{summary['already_scored']} already scored by this model (not rescored)</li>",
            f"<li>studies in this report: {len(scored)} scored, {len(flagged)} with at least one flag, {len(rejected)} rejected</li>",
            f"<li>model digest: <code>{_e(summary['model_digest'])}</code></li>",
-           f"<li>training data version (sha256 of splits.parquet): <code>{_e(summary['data_version'])}</code></li>",
+           f"<li>model: AG-CNN, backbone {_e(summary.get('backbone'))}; training data version (registry: metadata, "
+           f"split and class weights) <code>{_e(summary.get('training_data_version'))}</code></li>",
+           f"<li>thresholds' data version (sha256 of splits.parquet): <code>{_e(summary['data_version'])}</code></li>",
            f"<li>operating thresholds: {_e(summary['threshold_rule'])}, chosen on the validation split</li></ul>",
            "<h2>Studies, highest flagged probability first</h2>"]
     if scored.empty:

@@ -7,6 +7,14 @@ written Parquet part under `out/parts/`; the run ends by folding the parts into
 either a part or nothing for each batch, and the next run finishes without duplicates or
 lost rows. A file the loader refuses becomes a `rejected` row with the reason; it never
 stops the batch.
+
+Two Great Expectations gates (`tasks/validate.py`, results and Data Docs in `out/validation/`)
+and the model registry guard the run. Before anything is written: the weights must be the
+registered ones, and the input manifest must be keyable (unique ids and output names); a file
+resolving outside the input folder, missing, empty or over `score.max_bytes` is a rejected
+row, never read. Before `scores.parquet` is replaced: the folded table must have one row per
+(sha256, model digest) and finite probabilities in [0, 1]; if not, this run's parts and
+per-study files are discarded and the previous scores and report stay published.
 """
 
 from __future__ import annotations
@@ -34,9 +42,11 @@ from cxr.labels import LABEL_COLUMNS, PATHOLOGIES
 from tasks.dataset import to_input
 from tasks.images import LoaderLimits, file_sha256, load_image
 from tasks.overlay import display_shape, render_overlay, resize_gray, save_png, scale_box, thumbnail
+from tasks.registry import verify
 from tasks.thresholds import load_or_compute_thresholds
 from tasks.train import pick_device
-from tasks.weights import STAGES, load_agcnn, model_digest
+from tasks.validate import validate_score_manifest, validate_scores
+from tasks.weights import STAGES, load_agcnn
 
 log = logging.getLogger("cxr.score")
 
@@ -66,15 +76,44 @@ class _Study:
 # --------------------------------------------------------------------------- inputs
 
 
-def list_studies(input_dir: Path) -> list[Path]:
-    """Every regular, non-hidden file under `input_dir`, sorted; DataError when there are none."""
+def list_studies(input_dir: Path, max_bytes: int | None = None) -> pd.DataFrame:
+    """The input manifest: one row per non-hidden file (or link) under `input_dir`, sorted.
+
+    Columns: study_id (path relative to the folder), path, size_bytes (None when not present
+    or not looked at), output_name, inside (resolves inside the folder), reason (why the file
+    will not be read, else None). A file or link resolving outside the folder is never opened
+    (not even its size is taken). DataError when the folder is missing or holds no files.
+    """
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise DataError("input folder not found (or not a folder)", where=str(input_dir))
-    files = sorted(p for p in input_dir.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(input_dir).parts))
-    if not files:
+    root = input_dir.resolve()
+    rows = []
+    for path in sorted(input_dir.rglob("*")):
+        rel = path.relative_to(input_dir)
+        # Folders (and links to them: rglob does not descend those) are walked, not scored;
+        # a dangling link is kept so that it shows up as a missing file.
+        if any(part.startswith(".") for part in rel.parts) or not (path.is_file() or (path.is_symlink() and not path.exists())):
+            continue
+        target = path.resolve()
+        inside = target == root or root in target.parents
+        size = reason = None
+        if not inside:
+            reason = "resolves outside the input folder"
+        else:
+            try:
+                size = path.stat().st_size
+            except OSError:
+                reason = "file not found (a dangling link, or removed while listing)"
+        if size == 0:
+            reason = "empty file"
+        elif size is not None and max_bytes is not None and size > max_bytes:
+            reason = f"file of {size} bytes is over the limit of {max_bytes} bytes (score.max_bytes)"
+        rows.append({"study_id": rel.as_posix(), "path": path, "size_bytes": size,
+                     "output_name": output_name(rel.as_posix()), "inside": inside, "reason": reason})
+    if not rows:
         raise DataError("input folder holds no files to score", where=str(input_dir))
-    return files
+    return pd.DataFrame(rows).astype({"size_bytes": "Int64"})
 
 
 def output_name(study_id: str) -> str:
@@ -125,12 +164,17 @@ def _row_keys(df: pd.DataFrame) -> pd.Series:
     return df["sha256"].fillna("path:" + df["source_path"]) + "|" + df["model_digest"]
 
 
-def consolidate(out_dir: Path) -> pd.DataFrame:
-    """Fold the part files into scores.parquet (first row per (sha256, model digest) wins), then remove them."""
+def consolidate(out_dir: Path, gate=None) -> pd.DataFrame:
+    """Fold the part files into scores.parquet (first row per (sha256, model digest) wins), then remove them.
+
+    `gate(df)` sees the folded table first; when it raises, nothing is replaced or removed.
+    """
     out_dir = Path(out_dir)
     parts = sorted((out_dir / "parts").glob("part-*.parquet"))
     df = read_scores(out_dir)
     df = df.loc[~_row_keys(df).duplicated()].reset_index(drop=True)
+    if gate is not None:
+        gate(df)
     if parts or not (out_dir / "scores.parquet").exists():
         with atomic_path(out_dir / "scores.parquet") as tmp:
             pq.write_table(pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False), tmp)
@@ -195,11 +239,13 @@ def _base_row(study: _Study, digest: str, run_id: str, status: str) -> dict:
 # --------------------------------------------------------------------------- the run
 
 
-def check_models(models_dir: Path) -> None:
+def check_models(models_dir: Path) -> dict:
+    """The registry entry of the weights in `models_dir`; DataError when missing or unregistered."""
     missing = [s for s in STAGES if not (Path(models_dir) / f"{s}.safetensors").exists()]
     if missing:
         raise DataError(f"model weights missing for stage(s) {', '.join(missing)}; train them first (`cxr train --stage ...`)",
                         where=str(models_dir))
+    return verify(models_dir)
 
 
 def score_studies(params: Params, input_dir: Path, out_dir: Path, *, models_dir: Path | None = None,
@@ -212,9 +258,11 @@ def score_studies(params: Params, input_dir: Path, out_dir: Path, *, models_dir:
     s = params.score
     input_dir, out_dir = Path(input_dir), Path(out_dir)
     models_dir = Path(models_dir or params.paths.models)
-    files = list_studies(input_dir)
-    check_models(models_dir)
-    digest = model_digest(models_dir)
+    manifest = list_studies(input_dir, s.max_bytes)
+    registered = check_models(models_dir)  # before anything is written: unregistered weights score nothing
+    validate_score_manifest(manifest.assign(path=manifest["path"].map(str)), s.max_bytes, out_dir / "validation",
+                            source=str(input_dir))
+    digest = registered["digest"]  # verify() has just hashed the weights on disk: no second pass
     device = pick_device(params.train.device)
     model = load_agcnn(models_dir, params).to(device)
     entry = load_or_compute_thresholds(params, model, device, digest, thresholds_path or models_dir / "thresholds.json")
@@ -226,7 +274,11 @@ def score_studies(params: Params, input_dir: Path, out_dir: Path, *, models_dir:
     done = set(_row_keys(known[known["model_digest"] == digest]))
     pool = ThreadPoolExecutor(max(1, workers))
     todo, seen, keys, already, duplicates = [], set(), [], 0, 0
-    for path, sha in zip(files, pool.map(_sha_or_none, files)):
+    refused = dict(zip(manifest["path"], manifest["reason"]))
+    files = list(manifest["path"])
+    # A refused file is never opened, not even to hash it.
+    shas = pool.map(lambda p: (refused[p],) if isinstance(refused[p], str) else _sha_or_none(p), files)
+    for path, sha in zip(files, shas):
         study = _Study(path.relative_to(input_dir).as_posix(), path, sha if isinstance(sha, str) else None)
         if not isinstance(sha, str):
             study.reason = sha[0]
@@ -242,7 +294,7 @@ def score_studies(params: Params, input_dir: Path, out_dir: Path, *, models_dir:
             todo.append(study)
 
     scored = rejected = batches = 0
-    parts = out_dir / "parts"
+    parts, written = out_dir / "parts", []
     for start in range(0, len(todo), s.batch_size):
         chunk = list(pool.map(lambda st: st if st.reason else _load(st, params.model.image_size, limits, s.overlay_size),
                               todo[start : start + s.batch_size]))
@@ -267,6 +319,7 @@ def score_studies(params: Params, input_dir: Path, out_dir: Path, *, models_dir:
                     f"{PATHOLOGIES[k]} {prob[k]:.2f}" + (" FLAGGED" if flag[k] else "") for k in top]
                 rows.append(row)
                 writes.append((row, st, (dbox, cams, titles)))
+        written += [out_dir / row[k] for row, *_ in writes for k in ("json", "overlay", "thumbnail") if row[k]]
         list(pool.map(lambda w: _write_study(out_dir, *w), writes))
         with atomic_path(parts / f"part-{run_id}-{batches:06d}.parquet") as tmp:
             pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
@@ -279,15 +332,27 @@ def score_studies(params: Params, input_dir: Path, out_dir: Path, *, models_dir:
 
     summary = {
         "run_id": run_id, "input_dir": str(input_dir), "out_dir": str(out_dir), "model_digest": digest,
+        "backbone": registered["backbone"], "training_data_version": registered["training_data_version"],
         "data_version": entry["data_version"], "threshold_rule": entry["rule"], "files_found": len(files),
         "new_studies": scored + rejected, "scored": scored, "rejected": rejected, "already_scored": already,
-        "duplicates_in_input": duplicates, "batches": batches,
+        "duplicates_in_input": duplicates, "batches": batches, "validation": str(out_dir / "validation"),
         "message": f"{scored + rejected} new studies; {already} already scored by this model",
     }
     if stop_after_batches is not None and scored + rejected < len(todo):
         summary["stopped_after_batches"] = batches
         return summary
-    consolidate(out_dir)
+    try:
+        consolidate(out_dir, gate=lambda df: validate_scores(df.assign(key=_row_keys(df)), out_dir / "validation",
+                                                              source=str(out_dir / "scores.parquet")))
+    except DataError as exc:
+        # Unpublishable rows must not linger: the next run would fold or skip them.
+        for path in [*parts.glob(f"part-{run_id}-*.parquet"), *written]:
+            path.unlink(missing_ok=True)
+        error = DataError(f"the scores failed validation, so nothing was published (the previous scores.parquet and "
+                          f"report.html are kept; this run's {scored + rejected} rows were discarded and will be scored "
+                          f"again next run): {_reason(exc)}", where=exc.where)
+        error.summary = getattr(exc, "summary", None)  # what the gate checked, for callers that record it
+        raise error from None
     summary["studies"] = keys
     return summary
 

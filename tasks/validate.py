@@ -1,6 +1,7 @@
-"""Great Expectations gates for the normalized metadata and for the train/valid/test split.
+"""Great Expectations gates: normalized metadata, the train/valid/test split, and scoring's
+input manifest and scores table.
 
-Both gates are real GE 1.x expectation suites (built in code from `gx.expectations.*`) run
+All gates are real GE 1.x expectation suites (built in code from `gx.expectations.*`) run
 through a pandas batch definition of one in-process ephemeral context. Each run writes
 `<out_dir>/<suite>_validation.json` (GE's own result) and GE Data Docs under
 `<out_dir>/data_docs/` (entry point `data_docs/index.html`), on success and on failure alike,
@@ -16,6 +17,21 @@ Suite "metadata" (one row per image) checks:
 Suite "splits" (columns image_id, patient_id, split) checks:
   split in {train, valid, test}; image_id unique; no patient in more than one split; every
   split has at least one image; each split's image fraction within `tolerance` of its ratio.
+
+Suite "score_manifest" (one row per file found under a scoring input folder) checks:
+  stops the run: required columns present; at least one row; study_id present and unique;
+  output names unique (two studies must never write the same JSON/overlay files).
+  becomes rejected rows (tagged meta on_failure=reject, the run goes on): the file resolves
+  inside the input folder; it is present; its size is > 0 and <= `score.max_bytes`.
+  One odd file must not hold back a nightly run; a listing that cannot be keyed safely must.
+
+Suite "scores" (the folded scores table about to be published) checks:
+  required columns present; status scored/rejected; one row per (study sha256, model
+  digest); for scored rows every probability present (no NaN) and within [0, 1]. Any failure
+  stops publication.
+
+Expectations tagged `meta={"on_failure": "reject"}` are recorded (JSON, Data Docs) but do not
+fail the gate: the caller turns those rows into rejected rows itself.
 """
 
 from __future__ import annotations
@@ -42,6 +58,9 @@ METADATA_COLUMNS: tuple[str, ...] = (
 ) + LABEL_COLUMNS + (NO_FINDING_COLUMN,)
 SPLIT_COLUMNS: tuple[str, ...] = ("image_id", "patient_id", "split")
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
+MANIFEST_COLUMNS: tuple[str, ...] = ("study_id", "path", "size_bytes", "output_name", "inside")
+SCORES_COLUMNS: tuple[str, ...] = ("study_id", "model_digest", "status", "key") + LABEL_COLUMNS
+_REJECT = {"on_failure": "reject"}  # recorded, not blocking: the caller rejects those rows
 
 IMAGE_ID_REGEX = r"^\d{8}_\d{3}\.png$"
 _LABEL = "(?:" + "|".join(re.escape(label) for label in VOCABULARY) + ")"
@@ -116,8 +135,49 @@ def _split_expectations(gxe) -> list:
     return e
 
 
+def _manifest_expectations(gxe) -> list:
+    from great_expectations.expectations.row_conditions import Column
+
+    return [
+        gxe.ExpectTableColumnsToMatchSet(column_set=list(MANIFEST_COLUMNS), exact_match=False,
+                                         description="missing required columns"),
+        gxe.ExpectTableRowCountToBeBetween(min_value=1, description="no files to score"),
+        gxe.ExpectColumnValuesToNotBeNull(column="study_id", description="study_id missing"),
+        gxe.ExpectColumnValuesToBeUnique(column="study_id", description="study_id not unique"),
+        gxe.ExpectColumnValuesToBeUnique(column="output_name",
+                                         description="two studies would write the same output files"),
+        gxe.ExpectColumnValuesToBeInSet(column="inside", value_set=[True], meta=_REJECT,
+                                        description="resolves outside the input folder"),
+        gxe.ExpectColumnValuesToNotBeNull(column="size_bytes", row_condition=Column("inside") == True,  # noqa: E712
+                                          meta=_REJECT, description="file not present"),
+        gxe.ExpectColumnValuesToBeBetween(column="size_bytes", min_value=1, max_value={"$PARAMETER": "max_bytes"},
+                                          meta=_REJECT, description="file size not within 1 byte and score.max_bytes"),
+    ]
+
+
+def _scores_expectations(gxe) -> list:
+    from great_expectations.expectations.row_conditions import Column
+
+    e = [gxe.ExpectTableColumnsToMatchSet(column_set=list(SCORES_COLUMNS), exact_match=False,
+                                          description="missing required columns"),
+         gxe.ExpectColumnValuesToBeInSet(column="status", value_set=["scored", "rejected"],
+                                         description="status not scored/rejected"),
+         gxe.ExpectColumnValuesToBeUnique(column="key",
+                                          description="more than one row per (study sha256, model digest)")]
+    for c in LABEL_COLUMNS:
+        e += [gxe.ExpectColumnValuesToNotBeNull(column=c, row_condition=Column("status") == "scored",
+                                                description=f"probability {c} is NaN for a scored study"),
+              gxe.ExpectColumnValuesToBeBetween(column=c, min_value=0, max_value=1,
+                                                description=f"probability {c} outside [0, 1]")]
+    return e
+
+
+_SUITES = (("metadata", _metadata_expectations), ("splits", _split_expectations),
+           ("score_manifest", _manifest_expectations), ("scores", _scores_expectations))
+
+
 def _context():
-    """The process-wide ephemeral GE context with both suites and validation definitions."""
+    """The process-wide ephemeral GE context with every suite and its validation definition."""
     global _CTX
     if _CTX is None:
         import great_expectations as gx
@@ -128,7 +188,7 @@ def _context():
             store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
             analytics_enabled=False, progress_bars=ProgressBarsConfig(globally=False)))
         source = ctx.data_sources.add_pandas("cxr")
-        for name, build in (("metadata", _metadata_expectations), ("splits", _split_expectations)):
+        for name, build in _SUITES:
             suite = ctx.suites.add(gx.ExpectationSuite(name=name))
             for expectation in build(gx.expectations):
                 suite.add_expectation(expectation)
@@ -168,6 +228,23 @@ def validate_split(splits: pd.DataFrame, ratios: dict[str, float], tolerance: fl
     return _run("splits", frame, out_dir, source, params)
 
 
+def validate_score_manifest(manifest: pd.DataFrame, max_bytes: int, out_dir: Path, *,
+                            source: str = "input folder") -> dict:
+    """Run suite "score_manifest" on (study_id, path, size_bytes, output_name, inside).
+
+    Raises DataError only for failures that make the listing unusable as a whole; files
+    outside the folder, missing, empty or too large are counted in the result (key
+    `rejected`) and left to the caller to reject.
+    """
+    frame = manifest.reset_index(drop=True).copy()
+    return _run("score_manifest", frame, out_dir, source, {"max_bytes": int(max_bytes)})
+
+
+def validate_scores(scores: pd.DataFrame, out_dir: Path, *, source: str = "scores") -> dict:
+    """Run suite "scores" on the table about to be published (with its row `key`); DataError if it fails."""
+    return _run("scores", scores.reset_index(drop=True).copy(), out_dir, source, {})
+
+
 def _splits_of_patient(frame: pd.DataFrame) -> pd.Series:
     """On each patient's first row the splits it appears in ("train, test"); None elsewhere."""
     known = {s: i for i, s in enumerate(SPLITS)}
@@ -200,7 +277,8 @@ def _run_locked(suite: str, frame: pd.DataFrame, out_dir: Path, source: str, par
     _build_docs(ctx, out_dir, suite, result)
     summary = {
         "suite": suite,
-        "success": bool(result.success),
+        # GE's own success also counts failures tagged "reject"; the gate does not.
+        "success": not any(_blocks(r) for r in payload["results"]),
         "statistics": payload["statistics"],
         "results": [{"expectation": r["expectation_config"]["type"],
                      "description": r["expectation_config"].get("description"),
@@ -212,7 +290,11 @@ def _run_locked(suite: str, frame: pd.DataFrame, out_dir: Path, source: str, par
         "validation_json": str(out_dir / f"{suite}_validation.json"),
         "data_docs": str(out_dir / "data_docs" / "index.html"),
     }
-    if not result.success:
+    rejected = {r["expectation_config"].get("description"): r["result"].get("unexpected_count", 0)
+                for r in payload["results"] if not r["success"] and not _blocks(r)}
+    if rejected:
+        summary["rejected"] = rejected
+    if not summary["success"]:
         # Report in suite order (GE returns results in metric-resolution order).
         order = {e.id: i for i, e in enumerate(definition.suite.expectations)}
         error = DataError(_explain(payload, frame, params, order), where=source)
@@ -262,7 +344,7 @@ def _explain(payload: dict, frame: pd.DataFrame, params: dict, order: dict) -> s
     missing = set()
     parts = []
     for r in sorted(payload["results"], key=lambda r: order.get(r["expectation_config"].get("id"), 0)):
-        if r["success"]:
+        if not _blocks(r):
             continue
         cfg, res = r["expectation_config"], r["result"]
         kind, kw, what = cfg["type"], cfg["kwargs"], cfg.get("description") or cfg["type"]
@@ -295,6 +377,11 @@ def _explain(payload: dict, frame: pd.DataFrame, params: dict, order: dict) -> s
     return "; ".join(parts) + "." if parts else "validation failed."
 
 
+def _blocks(r: dict) -> bool:
+    """A failed expectation that fails the gate (not one whose rows the caller rejects)."""
+    return not r["success"] and (r["expectation_config"].get("meta") or {}).get("on_failure") != "reject"
+
+
 def _raised(r: dict) -> bool:
     # exception_info is either one {raised_exception: ...} or a dict of them keyed by metric.
     info = r.get("exception_info") or {}
@@ -306,11 +393,12 @@ def _raised(r: dict) -> bool:
 def _unexpected(res: dict, frame: pd.DataFrame, column: str | None) -> str:
     """'value (where, where), ...' for the first offending values, then 'and N more rows'."""
     by_value: dict[str, list[str]] = {}
-    rows = column == "image_id" or "image_id" not in frame  # name rows by image_id when we can
+    ident = next((c for c in ("image_id", "study_id") if c in frame), None)
+    rows = ident is None or column == ident  # name rows by their id when we can
     for i, v in zip(res.get("partial_unexpected_index_list", []), res.get("partial_unexpected_list", [])):
         if isinstance(v, (list, tuple)):
             v = " vs ".join(map(str, v))
-        by_value.setdefault(str(v), []).append(str(i) if rows else str(frame.at[i, "image_id"]))
+        by_value.setdefault(str(v), []).append(str(i) if rows else str(frame.at[i, ident]))
     shown = [f"{v} ({('rows ' if len(w) > 1 else 'row ') if rows else ''}{', '.join(w)})"
              for v, w in by_value.items()]
     n = res.get("unexpected_count", len(shown))

@@ -76,7 +76,7 @@ def test_flow_runs_task_runs_and_artifacts_through_the_api(scoring_run):
     assert run.state.is_completed()
     names = {flows[r.flow_id] for r in runs if r.state and r.state.is_completed()}
     assert {"data-pipeline", "score"} <= names
-    assert {"score", "report"} <= {t.name.rsplit("-", 1)[0] for t in tasks}
+    assert {"score-studies", "score-report"} <= {t.name.rsplit("-", 1)[0] for t in tasks}
     mine = [a for a in artifacts if a.flow_run_id == run.id]
     assert {"cxr-score-table", "cxr-score-report"} <= {a.key for a in mine}
     table = next(a for a in mine if a.key == "cxr-score-table")

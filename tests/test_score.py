@@ -29,8 +29,12 @@ def params(trained):
     # Beside the trained models, so the copy stays inside the workspace's data roots.
     models = Path(trained.paths.models).parent / "score-models"
     shutil.copytree(trained.paths.models, models, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
-    return trained.model_copy(update={"paths": trained.paths.model_copy(update={"models": models}),
-                                      "score": trained.score.model_copy(update={"batch_size": 4, "overlay_size": 128})})
+    params = trained.model_copy(update={"paths": trained.paths.model_copy(update={"models": models}),
+                                        "score": trained.score.model_copy(update={"batch_size": 4, "overlay_size": 128})})
+    from tasks.registry import register
+
+    register(params)  # scoring refuses unregistered weights
+    return params
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +99,8 @@ def test_real_studies_are_scored_with_sensible_outputs(params, tmp_path):
     assert np.array_equal(network_pixels(load_image(path), 64), load_image_uint8(path, 64))
     page = (out / "report.html").read_text()
     assert html.escape(NOT_A_DEVICE) in page and summary["model_digest"] in page and summary["data_version"] in page
+    assert summary["backbone"] == "resnet18" and len(summary["training_data_version"]) == 64
+    assert summary["training_data_version"] in page and "backbone resnet18" in page
 
     again = _score(params, STUDIES, out)
     write_report(out, again)
