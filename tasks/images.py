@@ -48,6 +48,7 @@ __all__ = [
     "file_sha256",
     "load_image",
     "load_image_uint8",
+    "to_uint8",
     "sniff_kind",
 ]
 
@@ -122,18 +123,23 @@ def load_image_uint8(
     support when shrinking, so downscaling is antialiased) and rounds once at the end. The
     aspect ratio is not preserved: non-square images are stretched to a square.
     """
-    arr = load_image(path, limits)
+    return to_uint8(load_image(path, limits), size)
+
+
+def to_uint8(image: np.ndarray, size: int | None = None) -> np.ndarray:
+    """Float (H, W) in [0, 1] -> uint8 (H, W), or resized to (size, size) as described in
+    `load_image_uint8` (callers that already hold the float image use this directly)."""
     if size is not None:
         if int(size) < 1:
             raise ValueError(f"size must be a positive integer, got {size!r}")
         size = int(size)
-        if arr.shape != (size, size):
-            arr = np.asarray(
-                Image.fromarray(arr)  # float32 (H, W) -> mode "F"
+        if image.shape != (size, size):
+            image = np.asarray(
+                Image.fromarray(image)  # float32 (H, W) -> mode "F"
                 .resize((size, size), Image.Resampling.BILINEAR),
                 dtype=np.float32,
             )
-    return np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

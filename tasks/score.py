@@ -33,14 +33,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from cxr.atomic import atomic_path, atomic_write_json
 from cxr.config import Params
 from cxr.errors import DataError
 from cxr.labels import LABEL_COLUMNS, PATHOLOGIES
 from tasks.dataset import to_input
-from tasks.images import LoaderLimits, file_sha256, load_image
+from tasks.images import LoaderLimits, file_sha256, load_image, to_uint8
 from tasks.overlay import display_shape, render_overlay, resize_gray, save_png, scale_box, thumbnail
 from tasks.registry import verify
 from tasks.thresholds import load_or_compute_thresholds
@@ -129,9 +128,7 @@ def _reason(exc: DataError) -> str:
 
 def network_pixels(image: np.ndarray, size: int) -> np.ndarray:
     """(H, W) float [0, 1] -> (size, size) uint8, exactly as `load_image_uint8` resizes it."""
-    if image.shape != (size, size):
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
-    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return to_uint8(image, size)
 
 
 def _load(study: _Study, size: int, limits: LoaderLimits, overlay_size: int) -> _Study:
