@@ -114,9 +114,9 @@ def _run(args: argparse.Namespace) -> dict:
 
         return score_flow(params, args.input, args.out or paths.reports / "scoring")
     if args.command == "cache":
-        from flows.cache import cache_crops_flow, cache_images_flow
+        from flows.cache import cache_crops, cache_images
 
-        return (cache_images_flow if args.what == "images" else cache_crops_flow)(params)
+        return (cache_images if args.what == "images" else cache_crops)(params)
     if args.command == "serve":
         from flows.nightly import serve
 

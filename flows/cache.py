@@ -2,6 +2,8 @@
 
 Each build is plan -> one mapped task per chunk -> publish. A killed run leaves finished
 chunks behind and the next run skips them; readers keep seeing the last published cache.
+`cache_images` / `cache_crops` run the flows on the task runner params ask for (`dask:`):
+the chunks fan out to Dask worker processes with the same result as in-process threads.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cxr.config import Params
+from flows.runner import task_runner
 from tasks.prefect_tasks import (
     build_crop_chunk_task,
     build_image_chunk_task,
@@ -52,3 +55,13 @@ def cache_crops_flow(params: Params) -> dict:
         return _summary(published_meta(plan.root), True)
     build_crop_chunk_task.map(unmapped(plan), plan.chunks).result()
     return _summary(publish_crop_cache_task(plan), False)
+
+
+def cache_images(params: Params) -> dict:
+    """`cache_images_flow` on the params' task runner (Dask workers when dask.enabled)."""
+    return cache_images_flow.with_options(task_runner=task_runner(params))(params)
+
+
+def cache_crops(params: Params) -> dict:
+    """`cache_crops_flow` on the params' task runner (Dask workers when dask.enabled)."""
+    return cache_crops_flow.with_options(task_runner=task_runner(params))(params)

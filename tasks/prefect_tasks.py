@@ -6,6 +6,8 @@ retried: retrying a corrupt file only repeats the same rejection.
 
 from __future__ import annotations
 
+import sys
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -75,6 +77,24 @@ def report_task(out_dir, summary: dict):
 
 
 # Caches: one task per chunk so a build fans out with `.map`; a re-run skips finished chunks.
+# The chunk tasks take only picklable values (frozen plan dataclasses of paths, ids, digests),
+# so they run alike in the flow's threads and in Dask worker processes (params: dask).
+def _one_torch_thread_on_dask_worker() -> None:
+    # A worker runs threads_per_worker chunks at once and workers x threads is sized to the
+    # cores; torch's own intra-op pool per chunk would oversubscribe them.
+    if "distributed" not in sys.modules:
+        return
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:  # not inside a Dask worker
+        return
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @_task("plan-image-cache")
 def plan_image_cache_task(image_dir, ids, root, size: int, shard_images: int):
     from tasks.image_cache import plan_image_cache
@@ -86,6 +106,7 @@ def plan_image_cache_task(image_dir, ids, root, size: int, shard_images: int):
 def build_image_chunk_task(plan, chunk: int) -> dict:
     from tasks.image_cache import build_image_chunk
 
+    _one_torch_thread_on_dask_worker()
     return build_image_chunk(plan, chunk)
 
 
@@ -107,6 +128,7 @@ def plan_crop_cache_task(params):
 def build_crop_chunk_task(plan, chunk: int) -> dict:
     from tasks.crop_cache import build_crop_chunk
 
+    _one_torch_thread_on_dask_worker()
     return build_crop_chunk(plan, chunk)
 
 
