@@ -42,6 +42,17 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a) + area(b) - inter)
 
 
+def image_side(path: Path) -> int | None:
+    """Width of a square image file from its header (None if unreadable or not square)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.width if im.width == im.height else None
+    except (OSError, ValueError):
+        return None
+
+
 def read_true_boxes(path: Path) -> pd.DataFrame:
     """Boxes as (image_id, label, x, y, w, h): our synth `boxes.csv` or NIH's BBox_List_2017."""
     raw = pd.read_csv(path)
@@ -112,17 +123,21 @@ def evaluate(params: Params, *, truth_boxes: list[Path] | None = None) -> dict:
         if not Path(box_file).exists():
             continue
         truth = read_true_boxes(Path(box_file))
-        present = [i for i in test.ids if i in set(truth["image_id"])]
-        # NIH boxes are in 1024-px image pixels; synthetic boxes in the rendered image's pixels.
-        native = {i: (1024 if "BBox" in Path(box_file).name else params.synth.image_size) for i in present}
-        report["localization"][Path(box_file).name] = localization(boxes_px, test.ids, truth, {i: size / native[i] for i in present})
+        # Box pixels are those of the image file they were drawn on: read each file's size from
+        # its header. NIH's boxes count only for the real 1024-px NIH images: synthetic demo
+        # images reuse NIH file names but not NIH anatomy.
+        nih = "BBox" in Path(box_file).name
+        native = {i: image_side(Path(paths.images) / i) for i in test.ids if i in set(truth["image_id"])}
+        native = {i: side for i, side in native.items() if side and (side == 1024 or not nih)}
+        report["localization"][Path(box_file).name] = localization(
+            boxes_px, test.ids, truth[truth["image_id"].isin(native)], {i: size / side for i, side in native.items()})
     report["published"] = [{"method": m, "mean_auroc": v, "note": "published on the official ChestX-ray14 split; other data and hardware"} for m, v in PUBLISHED]
 
     metrics = Path(paths.metrics)
     atomic_write_json(metrics / "evaluate.json", {
         "model_digest": report["model_digest"], "test_images": report["test_images"],
         **{f"{b}_mean_auroc": report["branches"][b]["mean_auroc"] for b in BRANCHES},
-        **{f"localization_{k.split('.')[0]}_mean_iou": v.get("mean_iou") for k, v in report["localization"].items()},
+        **{f"localization_{k.split('.')[0]}_mean_iou": v.get("mean_iou") for k, v in report["localization"].items() if v["images"]},
     })
     atomic_write_json(metrics / "evaluate_detail.json", report)
     atomic_write_json(metrics / "roc_fusion.json", roc_points(y, probs["fusion"], list(PATHOLOGIES)))
