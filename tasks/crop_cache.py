@@ -34,7 +34,7 @@ from models.attention import attention_heatmap
 from tasks import cache_store
 from tasks.cache_store import ArraySpec, CacheReader
 from tasks.dataset import to_input
-from tasks.image_cache import cached_pixels, hash_sources, image_cache_serves, sources_digest
+from tasks.image_cache import hash_sources, image_cache_serves, sources_digest
 from tasks.images import load_image_uint8
 from tasks.weights import digest_file, load_branch
 

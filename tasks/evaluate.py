@@ -3,7 +3,6 @@ the published comparison, and localization IoU of the attention box against true
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

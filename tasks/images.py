@@ -28,6 +28,7 @@ Intensity conventions (bright = dense, like a normal chest film):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -146,32 +147,33 @@ def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of the file's bytes, read in 1 MiB chunks."""
     path = Path(path)
     digest = hashlib.sha256()
-    try:
+    with _reading(path):
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
-    except FileNotFoundError:
-        raise DataError("file not found", where=str(path)) from None
-    except IsADirectoryError:
-        raise DataError("is a directory, not an image file", where=str(path)) from None
-    except OSError as exc:
-        raise DataError(f"cannot read file ({exc.strerror or exc})", where=str(path)) from None
     return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _read_head(path: Path, n: int) -> bytes:
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Turn the OS's reasons for not reading a file into a DataError naming it."""
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(n)
+        yield
     except FileNotFoundError:
         raise DataError("file not found", where=str(path)) from None
     except IsADirectoryError:
         raise DataError("is a directory, not an image file", where=str(path)) from None
     except OSError as exc:
         raise DataError(f"cannot read file ({exc.strerror or exc})", where=str(path)) from None
+
+
+def _read_head(path: Path, n: int) -> bytes:
+    with _reading(path):
+        with open(path, "rb") as handle:
+            head = handle.read(n)
     if not head:
         raise DataError("empty file", where=str(path))
     return head

@@ -15,16 +15,13 @@ from cxr.errors import DataError
 from models.agcnn import AGCNN
 from models.branch import Branch, build_branch
 from models.fusion import FusionHead
+from tasks.images import file_sha256
 
 STAGES = ("global", "local", "fusion")
 
 
-def digest_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+# The same content digest everywhere: weights, sources and studies.
+digest_file = file_sha256
 
 
 def save_weights(module: torch.nn.Module, path: Path, metadata: dict) -> str:

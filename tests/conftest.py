@@ -108,3 +108,18 @@ def trained(workspace) -> "Params":
         for stage in ("global", "local", "fusion"):
             train_stage(params, stage, progress=False)
     return params
+
+
+def registered_copy(trained, name: str, **score) -> "Params":
+    """`trained` with a private, registered copy of its models (scoring refuses unregistered
+    weights), placed beside them so it stays inside the workspace's data roots."""
+    import shutil
+
+    from tasks.registry import register
+
+    models = Path(trained.paths.models).parent / name
+    shutil.copytree(trained.paths.models, models, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
+    params = trained.model_copy(update={"paths": trained.paths.model_copy(update={"models": models}),
+                                        "score": trained.score.model_copy(update=score)})
+    register(params)
+    return params

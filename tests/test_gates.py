@@ -15,22 +15,14 @@ import pytest
 import yaml
 
 from cxr.errors import DataError
-from tests.conftest import NIH_SAMPLE, STUDIES, run_cxr
+from tests.conftest import NIH_SAMPLE, STUDIES, run_cxr, registered_copy
 
 NIH_IMAGES = sorted((NIH_SAMPLE / "images").glob("*.png"))
 
 
 @pytest.fixture(scope="module")
 def params(trained):
-    """Trained params with a private, registered copy of the models (beside them: inside the data roots)."""
-    from tasks.registry import register
-
-    models = Path(trained.paths.models).parent / "gates-models"
-    shutil.copytree(trained.paths.models, models, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
-    params = trained.model_copy(update={"paths": trained.paths.model_copy(update={"models": models}),
-                                        "score": trained.score.model_copy(update={"batch_size": 2, "overlay_size": 64})})
-    register(params)
-    return params
+    return registered_copy(trained, "gates-models", batch_size=2, overlay_size=64)
 
 
 def _params_file(params, path: Path, **paths) -> Path:

@@ -19,22 +19,14 @@ from PIL import Image
 
 from cxr.errors import DataError
 from cxr.labels import LABEL_COLUMNS
-from tests.conftest import NIH_SAMPLE, ROOT, STUDIES, VENV_BIN, run_cxr
+from tests.conftest import NIH_SAMPLE, ROOT, STUDIES, VENV_BIN, registered_copy, run_cxr
 from tests.data.make_bad_corpus import make_bad_corpus
 
 
 @pytest.fixture(scope="module")
 def params(trained):
-    """The trained params with a private copy of the models (thresholds.json is written there)."""
-    # Beside the trained models, so the copy stays inside the workspace's data roots.
-    models = Path(trained.paths.models).parent / "score-models"
-    shutil.copytree(trained.paths.models, models, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
-    params = trained.model_copy(update={"paths": trained.paths.model_copy(update={"models": models}),
-                                        "score": trained.score.model_copy(update={"batch_size": 4, "overlay_size": 128})})
-    from tasks.registry import register
-
-    register(params)  # scoring refuses unregistered weights
-    return params
+    """The trained params with a private, registered copy of the models (thresholds.json is written there)."""
+    return registered_copy(trained, "score-models", batch_size=4, overlay_size=128)
 
 
 @pytest.fixture(scope="module")
