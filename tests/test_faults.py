@@ -20,7 +20,9 @@ from tests.test_orchestration import _fresh_copy
 
 
 def _params_file(params, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False))
+    data = params.model_dump(mode="json", by_alias=True)
+    data["paths"]["roots"] = list(data["paths"]["roots"]) + [str(path.parent)]  # the test's own folders
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
