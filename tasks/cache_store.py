@@ -95,6 +95,10 @@ def publish(root: Path, key: str, n_chunks: int, meta: dict, arrays: dict[str, A
     missing = [i for i in range(n_chunks) if not chunk_done(root, key, i)]
     if missing:
         raise DataError(f"cannot publish: {len(missing)} of {n_chunks} chunks are not built", where=str(vdir))
+    # Every chunk is done, so a temporary file left here can only be from a writer that was
+    # killed mid-chunk (its chunk was then built again): sweep it before publishing.
+    for stale in vdir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
     table = pa.concat_tables([pq.read_table(vdir / _chunk_name(i)) for i in range(n_chunks)])
     rejected = pc.invert(pc.is_null(table["reject_reason"]))
     rejects = table.filter(rejected).select(["item_id", "reject_reason"])

@@ -49,9 +49,26 @@ def prefect_server(tmp_path_factory):
             os.environ[key] = value
 
 
+# Dask's nannies write OMP_NUM_THREADS=1 (and friends) into this process's environment when a
+# local cluster starts; subprocesses started later must not inherit that, or their torch runs
+# single-threaded and its float sums differ from an in-process run's.
+_THREAD_ENV = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")}
+
+
+def clean_env(extra: dict | None = None) -> dict:
+    """os.environ as it was at session start for the thread settings, plus `extra`."""
+    env = dict(os.environ, **(extra or {}))
+    for key, value in _THREAD_ENV.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
 def run_cxr(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the real `cxr` console command (needs the prefect_server fixture for speed)."""
-    full_env = dict(os.environ, **(env or {}))
+    full_env = clean_env(env)
     full_env["PATH"] = f"{VENV_BIN}{os.pathsep}{full_env.get('PATH', '')}"
     return subprocess.run(
         [str(VENV_BIN / "cxr"), *args], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout

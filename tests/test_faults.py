@@ -13,9 +13,8 @@ import pytest
 import torch
 import yaml
 
-from tasks.train import train_stage
 from tasks.weights import digest_file
-from tests.conftest import ROOT, VENV_BIN, make_params, run_cxr
+from tests.conftest import ROOT, VENV_BIN, clean_env, make_params, run_cxr
 from tests.test_orchestration import _fresh_copy
 
 
@@ -27,7 +26,7 @@ def _params_file(params, path: Path) -> Path:
 
 
 def _spawn(args, env, cwd=ROOT):
-    full = dict(os.environ, **env, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
+    full = clean_env({**env, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"})
     # Own process group, so SIGKILL reaches every child (DVC runs `cxr` in a shell).
     return subprocess.Popen(args, cwd=cwd, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -76,7 +75,9 @@ def test_sigkill_mid_epoch_resumes_to_the_uninterrupted_result(workspace, tmp_pa
     # Epoch 0 was not redone: its record (with its wall time) is the one from before the kill.
     assert history[0] == json.loads(before["history"])[0]
 
-    train_stage(clean, "global", progress=False)
+    # The reference runs the same way, as a command: same process setup, same float arithmetic.
+    reference = run_cxr("--params", str(_params_file(clean, tmp_path / "clean.yaml")), "train", "--stage", "global")
+    assert reference.returncode == 0, reference.stderr[-3000:]
     assert digest_file(tmp_path / "clean" / "global.safetensors") == digest_file(tmp_path / "killed" / "global.safetensors")
 
 
@@ -91,7 +92,7 @@ def test_sigkill_during_a_dvc_stage_then_repro_completes_bitwise(tmp_path, prefe
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # DVC's own lock is stale after a SIGKILL; rerunning must still work.
-    full = dict(os.environ, **env, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
+    full = clean_env({**env, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"})
     done = subprocess.run([str(VENV_BIN / "dvc"), "repro", "synth"], cwd=repo, env=full, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     # The committed dvc.lock holds the hashes of an uninterrupted run with these params.
