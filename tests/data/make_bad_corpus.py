@@ -117,24 +117,18 @@ def dicom_bytes(
         pi = "RGB" if is_color else photometric
         bs = bits_stored or arr.dtype.itemsize * 8
         ds.set_pixel_data(arr, photometric_interpretation=pi, bits_stored=bs, generate_instance_uid=False)
-    elif pixel_bytes is not None:
-        ds.Rows, ds.Columns = rows, columns
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = photometric
-        ds.BitsAllocated = 16
-        ds.BitsStored = bits_stored or 16
-        ds.HighBit = ds.BitsStored - 1
-        ds.PixelRepresentation = 0
-        ds.PixelData = pixel_bytes
-        ds["PixelData"].VR = "OW"
     else:
-        ds.Rows, ds.Columns = rows or HEIGHT, columns or WIDTH
+        # A hand-made image header: with raw `pixel_bytes` (possibly too few) or none at all.
+        ds.Rows, ds.Columns = (rows, columns) if pixel_bytes is not None else (rows or HEIGHT, columns or WIDTH)
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = photometric
         ds.BitsAllocated = 16
         ds.BitsStored = bits_stored or 16
         ds.HighBit = ds.BitsStored - 1
         ds.PixelRepresentation = 0
+        if pixel_bytes is not None:
+            ds.PixelData = pixel_bytes
+            ds["PixelData"].VR = "OW"
 
     for key, value in elements.items():
         setattr(ds, key, value)
