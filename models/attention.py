@@ -71,13 +71,8 @@ def _normalized_heatmap(features: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.where(span == 0, torch.full_like(heat, float("nan")), (heat - lo) / span)
 
 
-def _mask_transitions(norm: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
-    """Flat indices of run starts/ends of the upsampled, thresholded maps.
-
-    norm: (B, h, w) normalised heatmaps. Returns sorted int64 indices into a
-    (B * H, W + 1) grid of column transitions (see `_runs_from_transitions`);
-    upsampling is done a few images at a time so the float maps never exist whole.
-    """
+def _mask_transitions_interpolate(norm: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """`_mask_transitions` through F.interpolate on every pixel (devices where the row path is not exact)."""
     batch = norm.shape[0]
     height, width = size
     step = _chunk(batch, height * width * 4)
@@ -91,6 +86,113 @@ def _mask_transitions(norm: torch.Tensor, size: tuple[int, int], threshold: floa
         change = pad[:, 1:] != pad[:, :-1]
         found.append(torch.nonzero(change.view(-1)).view(-1) + i * height * (width + 1))
     return torch.cat(found)
+
+
+def _unit_sampling(extent: int, out_size: int, device: torch.device):
+    """`_axis_sampling` for one whole axis: (lo, hi, w_lo, w_hi), each (out_size,)."""
+    zero = torch.zeros(1, dtype=torch.int64)
+    lo, hi, w_lo, w_hi = (v[0] for v in _axis_sampling(zero, zero + extent - 1, out_size))
+    return lo.to(device), hi.to(device), w_lo.to(device), w_hi.to(device)
+
+
+def _row_blocks(extent: int, out_size: int) -> list[tuple[int, int, int, int]]:
+    """Output rows grouped by their two source rows: [(y0, y1, lo, hi)], rows y0..y1-1 blend lo and hi."""
+    lo, hi, _, _ = _unit_sampling(extent, out_size, torch.device("cpu"))
+    pairs = list(zip(lo.tolist(), hi.tolist()))
+    blocks, y0 = [], 0
+    for y in range(1, out_size + 1):
+        if y == out_size or pairs[y] != pairs[y0]:
+            blocks.append((y0, y, *pairs[y0]))
+            y0 = y
+    return blocks
+
+
+def _x_pass(norm: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, h, w) -> (B, h, W): each source row interpolated along x, as upsample_bilinear2d's inner sums."""
+    xlo, xhi, wx0, wx1 = _unit_sampling(norm.shape[2], width, norm.device)
+    # addcmul rounds once (a fused multiply-add), which is how the CPU kernel evaluates
+    # w0 * a + w1 * b; `_rows_exact` checks that this holds on the device before use.
+    return torch.addcmul(norm[:, :, xhi] * wx1, norm[:, :, xlo], wx0)
+
+
+def _y_blend(top: torch.Tensor, bottom: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+    """(k, 1, W) source rows and (n, 1) weights -> (k, n, W) output rows."""
+    return torch.addcmul(bottom * w1, top, w0)
+
+
+_ROWS_EXACT: dict[tuple, bool] = {}
+
+
+def _rows_exact(device: torch.device, source: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether `_x_pass` + `_y_blend` reproduce F.interpolate bit for bit for this device and shape.
+
+    The kernel's rounding order is matched for the usual integer scale factors (7 -> 224,
+    8 -> 256) but not for every ratio, so each (device type, source, size) is probed once.
+    """
+    key = (device.type, tuple(source), tuple(size))
+    if key not in _ROWS_EXACT:
+        probe = torch.rand(4, *source, generator=torch.Generator().manual_seed(0)).to(device)
+        tx = _x_pass(probe, size[1])
+        _, _, wy0, wy1 = _unit_sampling(source[0], size[0], device)
+        rows = [_y_blend(tx[:, a, None], tx[:, b, None], wy0[y0:y1, None], wy1[y0:y1, None])
+                for y0, y1, a, b in _row_blocks(source[0], size[0])]
+        theirs = F.interpolate(probe[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        _ROWS_EXACT[key] = torch.equal(torch.cat(rows, dim=1), theirs)
+    return _ROWS_EXACT[key]
+
+
+def _mask_transitions(norm: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """Flat indices of run starts/ends of the upsampled, thresholded maps.
+
+    norm: (B, h, w) normalised heatmaps. Returns sorted int64 indices into a
+    (B * H, W + 1) grid of column transitions (see `_runs_from_transitions`).
+
+    Most of an upsampled heatmap is below the threshold, and an output row is a
+    convex blend of two x-interpolated source rows, so it can only cross the
+    threshold where one of those rows does. Rows are computed in blocks that share
+    their source rows, and only for images whose source rows are hot; the values are
+    F.interpolate's to the bit (checked per device and shape, else every pixel is upsampled).
+    """
+    batch, h, w = norm.shape
+    height, width = size
+    if not _rows_exact(norm.device, (h, w), size):
+        return _mask_transitions_interpolate(norm, size, threshold)
+    tx = _x_pass(norm, width)
+    # A blend of values <= m is <= m up to two roundings; the margin keeps every row
+    # that could exceed the threshold. NaN rows (constant maps) are never hot.
+    hot = tx.amax(dim=2) > threshold - 1e-6 * abs(threshold)
+    _, _, wy0, wy1 = _unit_sampling(h, height, norm.device)
+    found = [torch.zeros(0, dtype=torch.int64, device=norm.device)]
+    stride = (width + 1 + 7) // 8 * 8
+    for y0, y1, a, b in _row_blocks(h, height):
+        images = torch.nonzero(hot[:, a] | hot[:, b]).view(-1)
+        step = _chunk(images.numel(), (y1 - y0) * (width + 2) * 5)
+        for i in range(0, images.numel(), step):
+            chosen = images[i : i + step]
+            rows = _y_blend(tx[chosen, a, None], tx[chosen, b, None], wy0[y0:y1, None], wy1[y0:y1, None])
+            padded = torch.zeros((chosen.numel(), y1 - y0, width + 2), dtype=torch.bool, device=norm.device)
+            torch.gt(rows, threshold, out=padded[..., 1:-1])
+            pos = _sparse_nonzero(padded[..., 1:], padded[..., :-1], stride)
+            line = torch.div(pos, stride, rounding_mode="floor")
+            img = torch.div(line, y1 - y0, rounding_mode="floor")
+            found.append((chosen[img] * height + y0 + line - img * (y1 - y0)) * (width + 1) + pos - line * stride)
+    return torch.sort(torch.cat(found)).values
+
+
+def _sparse_nonzero(a: torch.Tensor, b: torch.Tensor, stride: int) -> torch.Tensor:
+    """Flat positions where a != b, both (..., n) bool, in a (..., stride) layout (stride % 8 == 0).
+
+    Transitions are sparse (a few per row), so the comparison is laid out with rows
+    padded to whole 8-byte words: nonzero scans the words, then only the few
+    nonzero words are split into bytes.
+    """
+    n = a.shape[-1]
+    buffer = torch.zeros((*a.shape[:-1], stride), dtype=torch.bool, device=a.device)
+    torch.ne(a, b, out=buffer[..., :n])
+    words = buffer.view(torch.int64).view(-1)
+    hit = torch.nonzero(words).view(-1)
+    byte = torch.nonzero(words[hit].view(torch.uint8).view(-1, 8))
+    return hit[byte[:, 0]] * 8 + byte[:, 1]
 
 
 def attention_mask(
@@ -255,7 +357,9 @@ def _axis_sampling(first: torch.Tensor, last: torch.Tensor, out_size: int):
     # float32 scale and source coordinate, clamped as upsample_bilinear2d does (align_corners=False).
     scale = extent.to(torch.float32) / out_size
     dst = torch.arange(out_size, device=first.device, dtype=torch.float32)
-    src = (scale[:, None] * (dst + 0.5) - 0.5).clamp_min(0)
+    # The kernel evaluates scale * (dst + 0.5) - 0.5 as one fused multiply-add; in float64 the
+    # product and difference are exact for every unclamped coordinate, so one rounding remains.
+    src = (scale.double()[:, None] * (dst.double() + 0.5) - 0.5).float().clamp_min(0)
     lo = torch.minimum(src.floor().to(torch.int64), (extent - 1)[:, None])
     w_hi = (src - lo).clamp(0, 1)
     w_lo = 1 - w_hi
