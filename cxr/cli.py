@@ -110,9 +110,9 @@ def _run(args: argparse.Namespace) -> dict:
                 **{f"{b}_mean_auroc": v["mean_auroc"] for b, v in report["branches"].items()},
                 "localization": report["localization"]}
     if args.command == "score":
-        from flows.score import score_flow
+        from flows.score import score
 
-        return score_flow(params, args.input, args.out or paths.reports / "scoring")
+        return score(params, args.input, args.out or paths.reports / "scoring")
     if args.command == "cache":
         from flows.cache import cache_crops, cache_images
 

@@ -84,9 +84,30 @@ class AttentionParams(_Strict):
 class ModelParams(_Strict):
     backbone: Literal["resnet18", "resnet34", "resnet50", "densenet121"] = "resnet18"
     pretrained: Literal["imagenet", "none"] = "none"
+    # Side of the network input (the global branch sees image_size x image_size pixels).
     image_size: int = Field(128, ge=32)
+    # The paper's input pipeline: images are resized to `resize` (by the loader or the image
+    # cache), then an image_size crop of that is the network input: random per image and
+    # epoch in stage-I training (`train.random_crop`), the centre everywhere else. Unset means
+    # resize = image_size: the whole resized image is the input, no crop.
+    resize: int | None = Field(None, ge=32, le=1024)
     local_size: int = Field(128, ge=32)
     attention: AttentionParams = AttentionParams()
+
+    @model_validator(mode="after")
+    def _crop_fits(self):
+        if self.resize is not None and self.resize < self.image_size:
+            raise ValueError(
+                f"model.resize ({self.resize}) is smaller than model.image_size ({self.image_size}); the network "
+                "input is an image_size crop of the image resized to `resize`, so resize must be at least image_size "
+                "(leave resize unset for no crop)"
+            )
+        return self
+
+    @property
+    def load_size(self) -> int:
+        """Side every image is resized to before the image_size crop is taken."""
+        return self.image_size if self.resize is None else self.resize
 
 
 class StageParams(_Strict):
@@ -104,6 +125,11 @@ class TrainParams(_Strict):
     workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     flip: bool = True
+    # Stage I trains on a random image_size crop of the `model.resize` image (per image and
+    # epoch, drawn from the epoch's seeded generator like the flips), the paper's augmentation.
+    # No effect without model.resize > image_size. Stages II/III read their crops from the crop
+    # cache, computed once from the centre crop, so they (and all evaluation) see the centre.
+    random_crop: bool = True
     # On CUDA: NHWC memory lets tensor cores run the convolutions without transposes.
     channels_last: bool = True
     global_: StageParams = Field(StageParams(), alias="global")
@@ -117,7 +143,9 @@ class TrainParams(_Strict):
 
 
 class CacheParams(_Strict):
-    # Resolution stored in the image cache; it serves training when equal to model.image_size.
+    # Resolution stored in the image cache; it serves training, evaluation and the crop-cache
+    # build when equal to the size images are resized to: model.resize, or model.image_size
+    # when resize is unset (the network input is then cropped from the cached pixels).
     image_size: int = Field(128, ge=32, le=1024)
     # Images per shard file = per build chunk: the unit of resume and of fan-out.
     shard_images: int = Field(512, ge=1)

@@ -15,7 +15,7 @@ from prefect import flow
 
 from cxr.atomic import atomic_path, atomic_write_json
 from cxr.config import load_params
-from flows.score import score_flow
+from flows.score import score
 
 DEPLOYMENT = "nightly-scoring"
 
@@ -27,7 +27,7 @@ def nightly_scoring_flow(params_file: str = "params.yaml", day: str | None = Non
     day = day or dt.date.today().isoformat()
     incoming = Path(params.paths.incoming)
     incoming.mkdir(parents=True, exist_ok=True)
-    summary = score_flow(params, incoming, store)
+    summary = score(params, incoming, store)
     dated = store / day
     # The run's page sits at the same depth as the dated folder, so its relative links hold.
     with atomic_path(dated / "report.html") as tmp:

@@ -1,14 +1,22 @@
-"""Scoring flow: score new studies, write the HTML report, show the results in the Prefect UI."""
+"""Scoring flow: score new studies, write the HTML report, show the results in the Prefect UI.
+
+plan (manifest, registry and manifest gates, hashes) -> one mapped task per shard (one batch,
+one part file) -> finish (fold the parts behind the scores gate) -> report. `score` runs the
+flow on the task runner params ask for (`dask:`): shards fan out to Dask worker processes,
+each loading the weights once, with the same scores as the in-process run.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from cxr.config import Params
-from tasks.prefect_tasks import report_task, score_task
+from flows.runner import task_runner
+from tasks.prefect_tasks import finish_scoring_task, plan_scoring_task, report_task, score_shard_task
 from tasks.report import NOT_A_DEVICE, run_rows
 
 # A table artifact is for a glance; the report and scores.parquet hold every study.
@@ -32,14 +40,24 @@ def _publish(summary: dict, report: Path) -> None:
         f"- report: [{report}]({Path(report).resolve().as_uri()})", "", f"_{NOT_A_DEVICE}_"]))
 
 
-@flow(name="score", log_prints=True)
+# In-process, one shard at a time: each batch's forward pass already uses every core.
+@flow(name="score", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def score_flow(params: Params, input_dir: Path, out_dir: Path, models_dir: Path | None = None) -> dict:
     """Score `input_dir` into `out_dir`; return the run summary (counts, digests, report path)."""
     from prefect.runtime import flow_run
 
-    summary = score_task(params, Path(input_dir), Path(out_dir), models_dir=models_dir)
+    plan = plan_scoring_task(params, Path(input_dir), Path(out_dir), models_dir=models_dir)
+    results = []
+    if plan.shards:
+        results = score_shard_task.map(unmapped(plan.context), range(len(plan.shards)), plan.shards).result()
+    summary = finish_scoring_task(plan, results)
     report = report_task(Path(out_dir), summary)
     _publish(summary, report)
     print(summary["message"])
     result = {k: v for k, v in summary.items() if k != "studies"}
     return {**result, "report": str(report), "flow_run_id": str(flow_run.id)}
+
+
+def score(params: Params, input_dir: Path, out_dir: Path, models_dir: Path | None = None) -> dict:
+    """`score_flow` on the params' task runner (Dask workers when dask.enabled)."""
+    return score_flow.with_options(task_runner=task_runner(params))(params, input_dir, out_dir, models_dir)

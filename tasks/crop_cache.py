@@ -13,6 +13,10 @@ pixels, so `to_input(crop)` equals the on-the-fly crop of `to_input(image)` with
 rounding: normalisation is per-channel affine and bilinear crops are linear), the global
 pooled features (float32, fusion's input) and, in the index, the box and the heatmap peak.
 
+The global branch's input is the centre `image_size` crop of the image resized to
+`model.load_size` (tasks/dataset.py), so stages II/III, which read this cache, never see
+stage I's random crops.
+
 The key is the content digest of the global weights, the crop params and the source
 images; a cache made for anything else is detected and rebuilt, never used.
 """
@@ -33,7 +37,7 @@ from models.agcnn import attention_crops
 from models.attention import attention_heatmap
 from tasks import cache_store
 from tasks.cache_store import ArraySpec, CacheReader
-from tasks.dataset import to_input
+from tasks.dataset import center_crop, to_input
 from tasks.image_cache import hash_sources, image_cache_serves, sources_digest
 from tasks.images import load_image_uint8
 from tasks.weights import digest_file, load_branch
@@ -57,7 +61,8 @@ class CropCachePlan:
     image_dir: Path
     image_cache: Path | None  # where pixels come from; None = decode with the loader
     backbone: str
-    image_size: int
+    image_size: int  # the global branch's input: the centre crop of the image resized to load_size
+    load_size: int
     local_size: int
     threshold: float
     mode: str
@@ -76,7 +81,7 @@ class CropCachePlan:
 
     def meta(self) -> dict:
         return {"kind": "crops", "format": FORMAT, "global_digest": self.global_digest, "backbone": self.backbone,
-                "image_size": self.image_size, "local_size": self.local_size, "threshold": self.threshold,
+                "image_size": self.image_size, "load_size": self.load_size, "local_size": self.local_size, "threshold": self.threshold,
                 "mode": self.mode, "sources_digest": self.sources, "views": ["plain", "mirrored"]}
 
 
@@ -87,9 +92,9 @@ def _split_ids(params: Params) -> list[str]:
 
 
 def _sources(params: Params, ids) -> tuple[str, Path | None]:
-    """Digest of the source images, and the image cache when it holds exactly these at image_size."""
+    """Digest of the source images, and the image cache when it holds exactly these at load_size."""
     m, root = params.model, image_cache_dir(params)
-    meta = image_cache_serves(root, params.paths.images, m.image_size)
+    meta = image_cache_serves(root, params.paths.images, m.load_size)
     if meta is not None:
         reader = CacheReader(root)
         rejects = cache_store.read_rejects(root).to_pydict()
@@ -109,14 +114,16 @@ def plan_crop_cache(params: Params) -> CropCachePlan:
     ids = tuple(dict.fromkeys(_split_ids(params)))
     sources, image_cache = _sources(params, ids)
     global_digest = digest_file(weights)
+    # resize is keyed only when set: caches built before it existed (no crop) keep their key.
     key = hashlib.sha256(json.dumps({
         "kind": "crops", "format": FORMAT, "global": global_digest, "backbone": m.backbone, "image_size": m.image_size,
+        **({"resize": m.resize} if m.resize is not None else {}),
         "local_size": m.local_size, "threshold": m.attention.threshold, "mode": m.attention.mode,
         "shard_images": c.shard_images, "sources": sources}, sort_keys=True).encode()).hexdigest()
     published = cache_store.published_meta(crop_cache_dir(params))
     return CropCachePlan(
         crop_cache_dir(params), Path(params.paths.models), Path(params.paths.images), image_cache, m.backbone,
-        m.image_size, m.local_size, m.attention.threshold, m.attention.mode, c.batch_size, c.shard_images,
+        m.image_size, m.load_size, m.local_size, m.attention.threshold, m.attention.mode, c.batch_size, c.shard_images,
         pick_device(params.train.device).type, ids, global_digest, sources, key,
         up_to_date=published is not None and published.get("key") == key)
 
@@ -159,7 +166,7 @@ def _chunk_pixels(plan: CropCachePlan, ids: list[str]) -> tuple[list[np.ndarray 
     out, why = [], []
     for image_id in ids:
         try:
-            out.append(load_image_uint8(plan.image_dir / image_id, plan.image_size))
+            out.append(load_image_uint8(plan.image_dir / image_id, plan.load_size))
             why.append(None)
         except DataError as exc:
             out.append(None)
@@ -174,6 +181,8 @@ def build_crop_chunk(plan: CropCachePlan, i: int) -> dict:
     ids = list(plan.ids[i * plan.shard_images : (i + 1) * plan.shard_images])
     images, reasons = _chunk_pixels(plan, ids)
     good = torch.from_numpy(np.stack([p for p in images if p is not None])) if any(r is None for r in reasons) else None
+    if good is not None:
+        good = center_crop(good, plan.image_size)  # the global input evaluation sees
     device = torch.device(plan.device)
     branch = load_branch(plan.models_dir / "global.safetensors", plan.backbone).to(device)
     parts: list[dict] = []

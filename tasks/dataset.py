@@ -1,4 +1,11 @@
-"""Labelled image tensors for training and evaluation, read through the one image loader."""
+"""Labelled image tensors for training and evaluation, read through the one image loader.
+
+The network input geometry is defined here and nowhere else: every image is resized to
+`model.load_size` (= `model.resize`, or `model.image_size` when unset) by the loader or the
+image cache, and the network sees an `image_size` crop of it: the centre crop everywhere
+(validation, evaluation, thresholds, the crop cache, scoring), a random crop per image and
+epoch in stage-I training only (`train.random_crop`).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cxr.config import ModelParams
 from cxr.errors import DataError
 from cxr.labels import LABEL_COLUMNS
-from tasks.images import load_image_uint8
+from tasks.images import load_image_uint8, to_uint8
+from tasks.overlay import scale_box
 
 # Grayscale radiographs are fed as three identical channels, normalised as torchvision's
 # ImageNet backbones expect, so `pretrained: imagenet` and `none` share one input pipeline.
@@ -18,11 +27,66 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
+# --------------------------------------------------------------------------- input geometry
+
+
+def center_offset(side: int, size: int) -> int:
+    """Top (= left) of the centre (size, size) crop of a (side, side) image; 0 without a crop.
+
+    An odd margin leaves the extra pixel at the bottom/right.
+    """
+    return (side - size) // 2
+
+
+def crop(pixels, top: int, left: int, size: int):
+    """The (size, size) window at (top, left) of (..., H, W) pixels: one slice for the whole
+    batch, a view, tensor or numpy alike."""
+    return pixels[..., top : top + size, left : left + size]
+
+
+def center_crop(pixels, size: int):
+    """The centre (size, size) window of (..., H, W) square pixels (the pixels themselves when H == size)."""
+    top = center_offset(pixels.shape[-1], size)
+    return crop(pixels, top, top, size)
+
+
+def random_crop_offsets(n: int, model: ModelParams, generator: torch.Generator) -> torch.Tensor:
+    """(n, 2) int64 (top, left) per image, uniform over every crop that fits, drawn from `generator`."""
+    return torch.randint(0, model.load_size - model.image_size + 1, (n, 2), generator=generator)
+
+
+def network_pixels_from_image(image: np.ndarray, model: ModelParams) -> np.ndarray:
+    """Float (H, W) in [0, 1] -> (image_size, image_size) uint8: the pixels evaluation sees.
+
+    Resized exactly as the loader and the image cache resize (`to_uint8` at load_size), then
+    centre-cropped, so a scored study gets the same input as a test image from the same file.
+    """
+    return np.ascontiguousarray(center_crop(to_uint8(image, model.load_size), model.image_size))
+
+
+def input_box_to_image(box: tuple[int, int, int, int], model: ModelParams, image_shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Inclusive (y0, x0, y1, x1) in network-input pixels -> the same region in an image of
+    `image_shape` (H, W) that was resized to load_size and centre-cropped to make that input."""
+    side = model.load_size
+    off = center_offset(side, model.image_size)
+    y0, x0, y1, x1 = (int(v) for v in box)
+    return scale_box((y0 + off, x0 + off, y1 + off, x1 + off), (side, side), tuple(image_shape))
+
+
+# --------------------------------------------------------------------------- splits
+
+
 @dataclass
 class SplitData:
     ids: list[str]
-    pixels: torch.Tensor  # (N, S, S) uint8
+    loaded: torch.Tensor  # (N, R, R) uint8, resized to model.load_size
     labels: torch.Tensor  # (N, K) float32 0/1
+    size: int  # network input side (model.image_size)
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        """(N, S, S) uint8 network input without augmentation: the centre crop (a view)."""
+        return center_crop(self.loaded, self.size)
 
 
 def load_pixels(ids: list[str], image_dir: Path, size: int) -> torch.Tensor:
@@ -40,9 +104,10 @@ def load_pixels(ids: list[str], image_dir: Path, size: int) -> torch.Tensor:
     return out
 
 
-def load_split(meta, splits, split: str, image_dir: Path, size: int, cache_dir: Path | None = None) -> SplitData:
-    """A split's pixels and labels; from the image cache at `cache_dir` when it holds
-    `image_dir` at `size` (same pixels, no decoding), else through the loader."""
+def load_split(meta, splits, split: str, image_dir: Path, model: ModelParams, cache_dir: Path | None = None) -> SplitData:
+    """A split's pixels at `model.load_size` and its labels; from the image cache at
+    `cache_dir` when it holds `image_dir` at that size (same pixels, no decoding), else
+    through the loader."""
     ids = splits.loc[splits["split"] == split, "image_id"].tolist()
     if not ids:
         raise DataError(f"the {split} split is empty", where="splits.parquet")
@@ -52,8 +117,10 @@ def load_split(meta, splits, split: str, image_dir: Path, size: int, cache_dir: 
     if cache_dir is not None:
         from tasks.image_cache import cached_pixels  # the cache builds on this module's loader
 
-        pixels = cached_pixels(Path(cache_dir), ids, image_dir, size)
-    return SplitData(ids, pixels if pixels is not None else load_pixels(ids, image_dir, size), labels)
+        pixels = cached_pixels(Path(cache_dir), ids, image_dir, model.load_size)
+    if pixels is None:
+        pixels = load_pixels(ids, image_dir, model.load_size)
+    return SplitData(ids, pixels, labels, model.image_size)
 
 
 def to_input(pixels: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -65,21 +132,27 @@ def to_input(pixels: torch.Tensor, device: torch.device | str = "cpu") -> torch.
 
 
 class PixelDataset(torch.utils.data.Dataset):
-    """Indexable (pixels, labels) with a per-epoch horizontal flip decided up front.
+    """Indexable (pixels, labels) with a per-epoch crop and horizontal flip decided up front.
 
-    The flips are drawn from the epoch's seeded generator before loading starts, so the
-    result does not depend on the number of DataLoader workers.
+    The flips and crop offsets (N, 2) are drawn from the epoch's seeded generator before
+    loading starts, so the result does not depend on the number of DataLoader workers; without
+    offsets every item is the centre crop.
     """
 
-    def __init__(self, data: SplitData, flips: torch.Tensor | None = None):
+    def __init__(self, data: SplitData, flips: torch.Tensor | None = None, offsets: torch.Tensor | None = None):
         self.data = data
         self.flips = flips
+        self.offsets = offsets
 
     def __len__(self) -> int:
         return len(self.data.ids)
 
     def __getitem__(self, i: int):
-        pixels = self.data.pixels[i]
+        if self.offsets is None:
+            pixels = self.data.pixels[i]
+        else:
+            top, left = self.offsets[i].tolist()
+            pixels = crop(self.data.loaded[i], top, left, self.data.size)
         if self.flips is not None and bool(self.flips[i]):
             pixels = pixels.flip(-1)
         return pixels, self.data.labels[i]

@@ -12,7 +12,7 @@ import torch
 from cxr.atomic import atomic_write_json, atomic_write_text
 from cxr.config import Params
 from cxr.labels import PATHOLOGIES
-from tasks.dataset import load_split, to_input
+from tasks.dataset import center_offset, load_split, to_input
 from tasks.ingest import read_metadata
 from tasks.metrics import auroc_per_class, bootstrap_auroc, roc_points
 from tasks.split import read_splits
@@ -65,7 +65,8 @@ def read_true_boxes(path: Path) -> pd.DataFrame:
 def localization(boxes_px: np.ndarray, ids: list[str], truth: pd.DataFrame, scale: dict[str, float]) -> dict:
     """Best IoU per image between its attention box and any true box of that image.
 
-    boxes_px are in network-input pixels; `scale[id]` maps true-box pixels to them.
+    boxes_px are in the pixels of the image resized to load_size (the network input's crop
+    offset added); `scale[id]` maps true-box pixels to them.
     """
     truth = truth[truth["image_id"].isin(ids)]
     if truth.empty:
@@ -88,7 +89,7 @@ def evaluate(params: Params, *, truth_boxes: list[Path] | None = None) -> dict:
     device = pick_device(params.train.device)
     meta = read_metadata(Path(paths.interim) / "metadata.parquet")
     splits = read_splits(Path(paths.processed) / "splits.parquet")
-    test = load_split(meta, splits, "test", Path(paths.images), params.model.image_size, Path(paths.cache) / "images")
+    test = load_split(meta, splits, "test", Path(paths.images), params.model, Path(paths.cache) / "images")
     model = load_agcnn(Path(paths.models), params).to(device)
     outs = {b: [] for b in BRANCHES}
     boxes = []
@@ -100,7 +101,8 @@ def evaluate(params: Params, *, truth_boxes: list[Path] | None = None) -> dict:
             boxes.append(result.boxes.cpu())
     y = test.labels.numpy()
     probs = {b: torch.cat(v).numpy() for b, v in outs.items()}
-    boxes_px = torch.cat(boxes).numpy()
+    # Attention boxes from network-input pixels into the resized image the input was cropped from.
+    boxes_px = torch.cat(boxes).numpy() + center_offset(params.model.load_size, params.model.image_size)
 
     report: dict = {"model_digest": model_digest(Path(paths.models)), "test_images": len(test.ids), "branches": {}}
     for name in BRANCHES:
@@ -117,7 +119,7 @@ def evaluate(params: Params, *, truth_boxes: list[Path] | None = None) -> dict:
         }
     # Localization against every true-box file that covers test images.
     report["localization"] = {}
-    size = params.model.image_size
+    size = params.model.load_size
     for box_file in truth_boxes or []:
         if not Path(box_file).exists():
             continue

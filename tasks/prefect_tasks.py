@@ -61,24 +61,6 @@ def evaluate_task(params, **kwargs) -> dict:
     return evaluate(params, **kwargs)
 
 
-# Scoring is resumable by design, so a transient I/O retry only finishes the rest.
-@_task("score-studies")
-def score_task(params, input_dir, out_dir, **kwargs) -> dict:
-    from tasks.score import score_studies
-
-    return score_studies(params, input_dir, out_dir, **kwargs)
-
-
-@_task("score-report")
-def report_task(out_dir, summary: dict):
-    from tasks.report import write_report
-
-    return write_report(out_dir, summary)
-
-
-# Caches: one task per chunk so a build fans out with `.map`; a re-run skips finished chunks.
-# The chunk tasks take only picklable values (frozen plan dataclasses of paths, ids, digests),
-# so they run alike in the flow's threads and in Dask worker processes (params: dask).
 def _one_torch_thread_on_dask_worker() -> None:
     # A worker runs threads_per_worker chunks at once and workers x threads is sized to the
     # cores; torch's own intra-op pool per chunk would oversubscribe them.
@@ -95,6 +77,39 @@ def _one_torch_thread_on_dask_worker() -> None:
     torch.set_num_threads(1)
 
 
+# Scoring is resumable by design, so a transient I/O retry only finishes the rest.
+@_task("plan-scoring")
+def plan_scoring_task(params, input_dir, out_dir, **kwargs):
+    from tasks.score import plan_scoring
+
+    return plan_scoring(params, input_dir, out_dir, **kwargs)
+
+
+@_task("score-shard")
+def score_shard_task(context, index: int, studies) -> dict:
+    from tasks.score import score_shard
+
+    _one_torch_thread_on_dask_worker()
+    return score_shard(context, index, studies)
+
+
+@_task("finish-scoring")
+def finish_scoring_task(plan, results: list[dict]) -> dict:
+    from tasks.score import finish_scoring
+
+    return finish_scoring(plan, results)
+
+
+@_task("score-report")
+def report_task(out_dir, summary: dict):
+    from tasks.report import write_report
+
+    return write_report(out_dir, summary)
+
+
+# Caches: one task per chunk so a build fans out with `.map`; a re-run skips finished chunks.
+# The chunk tasks take only picklable values (frozen plan dataclasses of paths, ids, digests),
+# so they run alike in the flow's threads and in Dask worker processes (params: dask).
 @_task("plan-image-cache")
 def plan_image_cache_task(image_dir, ids, root, size: int, shard_images: int):
     from tasks.image_cache import plan_image_cache

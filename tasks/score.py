@@ -245,12 +245,35 @@ def check_models(models_dir: Path) -> dict:
     return verify(models_dir)
 
 
-def score_studies(params: Params, input_dir: Path, out_dir: Path, *, models_dir: Path | None = None,
-                  thresholds_path: Path | None = None, stop_after_batches: int | None = None, workers: int = 2) -> dict:
-    """Score every new study under `input_dir` into `out_dir`; return the run's summary.
+@dataclass(frozen=True)
+class ScoreContext:
+    """What every shard of one scoring run needs: small and picklable, sent to each shard task."""
 
-    `stop_after_batches` ends the run after that many part files, before consolidation (it
-    simulates a killed run). The summary's `studies` lists the keys of this input's rows.
+    params: Params
+    input_dir: Path
+    out_dir: Path
+    models_dir: Path
+    digest: str
+    run_id: str
+    thresholds: tuple[float, ...]
+
+
+@dataclass
+class ScorePlan:
+    """A scoring run, decided before any study is read: the new studies in shards of one batch."""
+
+    context: ScoreContext
+    shards: list[list[_Study]]
+    summary: dict  # counts known from the manifest (files found, already scored, duplicates)
+    keys: list[str]  # (sha256, model digest) keys of this input's rows
+
+
+def plan_scoring(params: Params, input_dir: Path, out_dir: Path, *, models_dir: Path | None = None,
+                 thresholds_path: Path | None = None, workers: int = 2) -> ScorePlan:
+    """Check the manifest and the weights, hash the inputs and split the new studies into shards.
+
+    Nothing is written but the validation results: unregistered weights or an unkeyable
+    manifest stop the run here. Each shard is one batch and becomes one part file.
     """
     s = params.score
     input_dir, out_dir = Path(input_dir), Path(out_dir)
@@ -261,20 +284,18 @@ def score_studies(params: Params, input_dir: Path, out_dir: Path, *, models_dir:
                             source=str(input_dir))
     digest = registered["digest"]  # verify() has just hashed the weights on disk: no second pass
     device = pick_device(params.train.device)
-    model = load_agcnn(models_dir, params).to(device)
+    model = _model(models_dir, digest, params, device)
     entry = load_or_compute_thresholds(params, model, device, digest, thresholds_path or models_dir / "thresholds.json")
-    thresholds = np.array([entry["classes"][p]["threshold"] for p in PATHOLOGIES], dtype=np.float32)
-    limits = LoaderLimits(max_pixels=s.max_pixels, min_side=s.min_side)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(2)
 
     known = read_scores(out_dir)
     done = set(_row_keys(known[known["model_digest"] == digest]))
-    pool = ThreadPoolExecutor(max(1, workers))
     todo, seen, keys, already, duplicates = [], set(), [], 0, 0
     refused = dict(zip(manifest["path"], manifest["reason"]))
     files = list(manifest["path"])
-    # A refused file is never opened, not even to hash it.
-    shas = pool.map(lambda p: (refused[p],) if isinstance(refused[p], str) else _sha_or_none(p), files)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        # A refused file is never opened, not even to hash it.
+        shas = list(pool.map(lambda p: (refused[p],) if isinstance(refused[p], str) else _sha_or_none(p), files))
     for path, sha in zip(files, shas):
         study = _Study(path.relative_to(input_dir).as_posix(), path, sha if isinstance(sha, str) else None)
         if not isinstance(sha, str):
@@ -290,11 +311,48 @@ def score_studies(params: Params, input_dir: Path, out_dir: Path, *, models_dir:
         else:
             todo.append(study)
 
-    scored = rejected = batches = 0
-    parts, written = out_dir / "parts", []
-    for start in range(0, len(todo), s.batch_size):
+    thresholds = tuple(float(entry["classes"][p]["threshold"]) for p in PATHOLOGIES)
+    context = ScoreContext(params, input_dir, out_dir, models_dir, digest, run_id, thresholds)
+    summary = {
+        "run_id": run_id, "input_dir": str(input_dir), "out_dir": str(out_dir), "model_digest": digest,
+        "backbone": registered["backbone"], "training_data_version": registered["training_data_version"],
+        "data_version": entry["data_version"], "threshold_rule": entry["rule"], "files_found": len(files),
+        "already_scored": already, "duplicates_in_input": duplicates, "validation": str(out_dir / "validation"),
+    }
+    shards = [todo[i : i + s.batch_size] for i in range(0, len(todo), s.batch_size)]
+    return ScorePlan(context, shards, summary, keys)
+
+
+_MODELS: dict[tuple, torch.nn.Module] = {}
+
+
+def _model(models_dir: Path, digest: str, params: Params, device) -> torch.nn.Module:
+    """The AG-CNN of these weights on `device`, loaded once per process (shards reuse it)."""
+    key = (str(Path(models_dir).resolve()), digest, str(device), params.model)
+    if key not in _MODELS:
+        _MODELS.clear()  # one model per process: a new digest replaces the old one
+        _MODELS[key] = load_agcnn(models_dir, params).to(device)
+    return _MODELS[key]
+
+
+def score_shard(context: ScoreContext, index: int, studies: list[_Study], workers: int = 2) -> dict:
+    """Score one shard into `parts/part-<run>-<index>.parquet` plus its per-study files.
+
+    The part's name is fixed by (run, shard), so a shard run twice (a worker lost mid-shard
+    and the shard rescheduled) replaces its own part: no shard is lost or counted twice.
+    Returns the shard's counts and the per-study files it wrote.
+    """
+    params, out_dir, digest, run_id = context.params, context.out_dir, context.digest, context.run_id
+    s = params.score
+    device = pick_device(params.train.device)
+    model = _model(context.models_dir, digest, params, device)
+    thresholds = np.asarray(context.thresholds, dtype=np.float32)
+    limits = LoaderLimits(max_pixels=s.max_pixels, min_side=s.min_side)
+    # Copies: a shard's studies may be reused by the caller (in-process), pixels must not stick to them.
+    chunk = [_Study(st.study_id, st.path, st.sha256, st.reason) for st in studies]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
         chunk = list(pool.map(lambda st: st if st.reason else _load(st, params.model.image_size, limits, s.overlay_size),
-                              todo[start : start + s.batch_size]))
+                              chunk))
         good = [st for st in chunk if st.reason is None]
         rows, writes = [], []
         for st in chunk:
@@ -316,42 +374,66 @@ def score_studies(params: Params, input_dir: Path, out_dir: Path, *, models_dir:
                     f"{PATHOLOGIES[k]} {prob[k]:.2f}" + (" FLAGGED" if flag[k] else "") for k in top]
                 rows.append(row)
                 writes.append((row, st, (dbox, cams, titles)))
-        written += [out_dir / row[k] for row, *_ in writes for k in ("json", "overlay", "thumbnail") if row[k]]
+        written = [str(out_dir / row[k]) for row, *_ in writes for k in ("json", "overlay", "thumbnail") if row[k]]
         list(pool.map(lambda w: _write_study(out_dir, *w), writes))
-        with atomic_path(parts / f"part-{run_id}-{batches:06d}.parquet") as tmp:
-            pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
-        scored, rejected, batches = scored + len(good), rejected + len(chunk) - len(good), batches + 1
-        for st in chunk:  # free the pixels now: memory stays flat however many studies there are
-            st.pixels = st.display = None
-        if stop_after_batches is not None and batches >= stop_after_batches:
-            break
-    pool.shutdown()
+    with atomic_path(_part_path(out_dir, run_id, index)) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+    return {"shard": index, "scored": len(good), "rejected": len(chunk) - len(good), "written": written}
 
-    summary = {
-        "run_id": run_id, "input_dir": str(input_dir), "out_dir": str(out_dir), "model_digest": digest,
-        "backbone": registered["backbone"], "training_data_version": registered["training_data_version"],
-        "data_version": entry["data_version"], "threshold_rule": entry["rule"], "files_found": len(files),
-        "new_studies": scored + rejected, "scored": scored, "rejected": rejected, "already_scored": already,
-        "duplicates_in_input": duplicates, "batches": batches, "validation": str(out_dir / "validation"),
-        "message": f"{scored + rejected} new studies; {already} already scored by this model",
-    }
-    if stop_after_batches is not None and scored + rejected < len(todo):
-        summary["stopped_after_batches"] = batches
-        return summary
+
+def _part_path(out_dir: Path, run_id: str, index: int) -> Path:
+    return Path(out_dir) / "parts" / f"part-{run_id}-{index:06d}.parquet"
+
+
+def finish_scoring(plan: ScorePlan, results: list[dict]) -> dict:
+    """Fold the run's parts into scores.parquet behind the scores gate; return the run's summary.
+
+    When the gate fails, this run's parts and per-study files are removed and DataError
+    says so: the previous scores.parquet stays published.
+    """
+    out_dir, run_id = plan.context.out_dir, plan.context.run_id
+    scored = sum(r["scored"] for r in results)
+    rejected = sum(r["rejected"] for r in results)
+    summary = {**plan.summary, "new_studies": scored + rejected, "scored": scored, "rejected": rejected,
+               "batches": len(results),
+               "message": f"{scored + rejected} new studies; {plan.summary['already_scored']} already scored by this model"}
     try:
         consolidate(out_dir, gate=lambda df: validate_scores(df.assign(key=_row_keys(df)), out_dir / "validation",
                                                               source=str(out_dir / "scores.parquet")))
     except DataError as exc:
         # Unpublishable rows must not linger: the next run would fold or skip them.
-        for path in [*parts.glob(f"part-{run_id}-*.parquet"), *written]:
+        written = [Path(p) for r in results for p in r["written"]]
+        for path in [*(out_dir / "parts").glob(f"part-{run_id}-*.parquet"), *written]:
             path.unlink(missing_ok=True)
         error = DataError(f"the scores failed validation, so nothing was published (the previous scores.parquet and "
                           f"report.html are kept; this run's {scored + rejected} rows were discarded and will be scored "
                           f"again next run): {_reason(exc)}", where=exc.where)
         error.summary = getattr(exc, "summary", None)  # what the gate checked, for callers that record it
         raise error from None
-    summary["studies"] = keys
+    summary["studies"] = plan.keys
     return summary
+
+
+def score_studies(params: Params, input_dir: Path, out_dir: Path, *, models_dir: Path | None = None,
+                  thresholds_path: Path | None = None, stop_after_batches: int | None = None, workers: int = 2) -> dict:
+    """Score every new study under `input_dir` into `out_dir` in this process; return the run's summary.
+
+    plan -> one shard at a time -> finish; `flows.score` maps the same shards over a task
+    runner instead. `stop_after_batches` ends the run after that many part files, before
+    consolidation (it simulates a killed run). The summary's `studies` lists the keys of
+    this input's rows.
+    """
+    plan = plan_scoring(params, input_dir, out_dir, models_dir=models_dir, thresholds_path=thresholds_path,
+                        workers=workers)
+    results = []
+    for index, studies in enumerate(plan.shards):
+        results.append(score_shard(plan.context, index, studies, workers))
+        if stop_after_batches is not None and len(results) >= stop_after_batches and len(results) < len(plan.shards):
+            done = sum(r["scored"] + r["rejected"] for r in results)
+            return {**plan.summary, "new_studies": done, "scored": sum(r["scored"] for r in results),
+                    "rejected": sum(r["rejected"] for r in results), "batches": len(results),
+                    "stopped_after_batches": len(results), "message": f"stopped after {len(results)} batches"}
+    return finish_scoring(plan, results)
 
 
 def _sha_or_none(path: Path):

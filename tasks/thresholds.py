@@ -65,7 +65,7 @@ def validation_predictions(params: Params, model: torch.nn.Module, device: torch
     paths = params.paths
     splits_path = Path(paths.processed) / "splits.parquet"
     meta = read_metadata(Path(paths.interim) / "metadata.parquet")
-    valid = load_split(meta, read_splits(splits_path), "valid", Path(paths.images), params.model.image_size)
+    valid = load_split(meta, read_splits(splits_path), "valid", Path(paths.images), params.model)
     probs = []
     with torch.no_grad():
         for start in range(0, len(valid.ids), params.score.batch_size):

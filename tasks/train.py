@@ -4,8 +4,8 @@ Each stage freezes what came before, trains with the class-weighted BCE, SGD wit
 and a step learning-rate schedule, and keeps the epoch with the best mean validation AUROC.
 Every epoch ends with an atomic checkpoint (weights, optimizer, scheduler, RNG, history), so
 a killed run resumes from its last finished epoch and ends with the same weights: each
-epoch's shuffling and flips come from a generator seeded by (seed, stage, epoch), not from
-whatever state the process had when it died.
+epoch's shuffling, flips and (stage I) random crops come from a generator seeded by
+(seed, stage, epoch), not from whatever state the process had when it died.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from models.branch import build_branch
 from models.fusion import FusionHead
 from models.agcnn import attention_crops
 from models.loss import WeightedBCE
-from tasks.dataset import PixelDataset, load_split, to_input
+from tasks.dataset import PixelDataset, load_split, random_crop_offsets, to_input
 from tasks.ingest import read_metadata
 from tasks.metrics import auroc_per_class, mean_auroc
 from tasks.split import read_splits
@@ -114,12 +114,41 @@ def distributed_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def random_crops(params: Params, stage: str) -> bool:
+    """Whether this stage trains on random crops: stage I only, and only when there is room.
+
+    Stages II/III read crops from the crop cache (or, without it, cut them on the fly from
+    the centre crop): the attention crops are computed once from the frozen global branch's
+    centre-crop input, so a random global crop has nothing to act on there.
+    """
+    m = params.model
+    return stage == "global" and params.train.random_crop and m.load_size > m.image_size
+
+
+def epoch_draws(params: Params, stage: str, epoch: int, n: int):
+    """(order (n,), flips (n,) bool or None, crop offsets (n, 2) or None) of one epoch.
+
+    All from one generator seeded by (seed, stage, epoch) alone, drawn before loading starts:
+    the same whatever the DataLoader workers, and the same again when a run resumes.
+    """
+    generator = torch.Generator().manual_seed(params.seed * 1_000_003 + STAGES.index(stage) * 10_007 + epoch)
+    order = torch.randperm(n, generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5 if params.train.flip else None
+    # Drawn last, so without random crops the order and flips are what they always were.
+    offsets = random_crop_offsets(n, params.model, generator) if random_crops(params, stage) else None
+    return order, flips, offsets
+
+
 def _fingerprint(stage: str, params: Params, inputs: list[Path], extra: str = "") -> str:
     """What a checkpoint is valid for: the stage's params and the digests of its inputs
     (`extra`: the crop cache key when the stage reads it)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"stage": stage, "seed": params.seed, "model": params.model.model_dump(mode="json"),
-                         "train": params.train.stage(stage).model_dump(mode="json"), "flip": params.train.flip}, sort_keys=True).encode())
+    # Unset keys (model.resize) and a random_crop without effect are left out, so checkpoints
+    # made before those keys existed keep their fingerprint.
+    crops = {"random_crop": True} if random_crops(params, stage) else {}
+    h.update(json.dumps({"stage": stage, "seed": params.seed, "model": params.model.model_dump(mode="json", exclude_none=True),
+                         "train": params.train.stage(stage).model_dump(mode="json"), "flip": params.train.flip, **crops},
+                        sort_keys=True).encode())
     for path in inputs:
         h.update(digest_file(path).encode())
     if extra:
@@ -184,7 +213,6 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
         raise DataError("class_weights.json not found; run `cxr split` first", where=str(weights_path))
     cw = json.loads(weights_path.read_text())
     image_dir = Path(paths.images)
-    size = params.model.image_size
     # Stages II/III read the frozen global branch's crops from the crop cache (rebuilt here
     # when missing or made for other weights/params) instead of recomputing them every epoch.
     crop_key = ""
@@ -196,8 +224,8 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
         train, valid = crop_split(crops, meta, splits, "train"), crop_split(crops, meta, splits, "valid")
     else:
         image_cache, make_dataset = Path(paths.cache) / "images", PixelDataset
-        train = load_split(meta, splits, "train", image_dir, size, image_cache)
-        valid = load_split(meta, splits, "valid", image_dir, size, image_cache)
+        train = load_split(meta, splits, "train", image_dir, params.model, image_cache)
+        valid = load_split(meta, splits, "valid", image_dir, params.model, image_cache)
 
     upstream = [models_dir / f"{s}.safetensors" for s in STAGES[: STAGES.index(stage)]]
     model = StageModel(stage, params, models_dir).to(device)
@@ -229,17 +257,16 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
         model.trainable = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
     per_rank_batch = max(1, sp.batch_size // world)
 
-    stage_offset = STAGES.index(stage)
     for epoch in range(start, sp.epochs):
-        generator = torch.Generator().manual_seed(params.seed * 1_000_003 + stage_offset * 10_007 + epoch)
-        order = torch.randperm(len(train.ids), generator=generator)
-        flips = torch.rand(len(train.ids), generator=generator) < 0.5 if params.train.flip else None
+        order, flips, offsets = epoch_draws(params, stage, epoch, len(train.ids))
         if world > 1:
             # DistributedSampler's scheme on our seeded order: pad to a multiple of the world
             # size, then rank r takes every world-th index, so ranks step in lockstep.
             order = torch.cat([order, order[: (-len(order)) % world]])[rank::world]
         loader = torch.utils.data.DataLoader(
-            make_dataset(train, flips), batch_size=per_rank_batch, sampler=order.tolist(),
+            # Crop offsets come with stage I only, whose dataset is always a PixelDataset.
+            make_dataset(train, flips) if offsets is None else PixelDataset(train, flips, offsets),
+            batch_size=per_rank_batch, sampler=order.tolist(),
             num_workers=params.train.workers, pin_memory=device.type == "cuda",
         )
         model.train()
@@ -284,7 +311,9 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
     model.trainable = core
     if not lead:
         return {"stage": stage, "rank": rank}
-    metadata = {"stage": stage, "backbone": params.model.backbone, "labels": cw["labels"], "image_size": size,
+    m = params.model
+    metadata = {"stage": stage, "backbone": m.backbone, "labels": cw["labels"], "image_size": m.image_size,
+                **({"resize": m.resize} if m.resize is not None else {}),
                 "local_size": params.model.local_size, "best_epoch": best_epoch, "best_valid_mean_auroc": best_auroc,
                 "fingerprint": fingerprint, "upstream": {p.stem: digest_file(p) for p in upstream},
                 **({"crop_cache": crop_key} if crop_key else {})}

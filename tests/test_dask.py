@@ -1,6 +1,7 @@
-"""The cache builds fanned out to Dask worker processes (params `dask:`): the same index and
-shard bytes as the single-process build (image and crop caches), a worker killed mid-build
-loses and duplicates nothing, and `cxr cache images` with dask.enabled works end to end."""
+"""The fan-out stages on Dask worker processes (params `dask:`): the cache builds give the same
+index and shard bytes as the single-process build (image and crop caches), scoring gives the
+same scores as the in-process run, a worker killed mid-run loses and duplicates nothing, and
+`cxr cache images` with dask.enabled works end to end."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from cxr.config import DaskParams
 from tasks import cache_store
 from tasks.image_cache import build_image_cache
 from tasks.split import read_splits
-from tests.conftest import NIH_SAMPLE, make_params, run_cxr
+from tests.conftest import NIH_SAMPLE, make_params, registered_copy, run_cxr
 from tests.test_cache import small  # noqa: F401  (the trained 240-image crop-cache workspace)
 
 SIZE, SHARD = 64, 100  # 800 sample images: 8 chunks
@@ -36,6 +37,20 @@ if not getattr(ic.build_image_chunk, "slowed", False):
         return out
     slow.slowed = True
     ic.build_image_chunk = slow
+"""
+
+
+_SLOW_SHARDS = """
+import time
+import tasks.score as sc
+if not getattr(sc.score_shard, "slowed", False):
+    real = sc.score_shard
+    def slow(*args, **kwargs):
+        out = real(*args, **kwargs)
+        time.sleep(0.6)
+        return out
+    slow.slowed = True
+    sc.score_shard = slow
 """
 
 
@@ -170,3 +185,104 @@ def test_dask_crop_cache_equals_the_in_process_build(small, cluster, tmp_path):
     assert built["dask"] == built["threads"] and not built["dask"]["up_to_date"]
     # Pooled features are float32 from torch on 1 thread (worker) vs the flow's threads: still byte-equal.
     _assert_same_cache(tmp_path / "dask" / "crops", tmp_path / "threads" / "crops")
+
+
+# ---- scoring mapped over shards ------------------------------------------------------------
+
+SCORE_COLUMNS_EXACT = ["study_id", "sha256", "model_digest", "status", "reason", "image_height", "image_width",
+                       "box_y0", "box_x0", "box_y1", "box_x1", "top_findings", "overlay", "thumbnail", "json"]
+
+
+@pytest.fixture(scope="module")
+def scoring(trained, tmp_path_factory):
+    """Registered models, 40 real studies (a corrupt one among them: a rejected row) in shards
+    of 4, and the in-process run's scores: what every Dask run must equal."""
+    import shutil
+
+    import pandas as pd
+
+    from tasks.score import score_studies
+
+    params = registered_copy(trained, "dask-score-models", batch_size=4, overlay_size=96)
+    inputs = tmp_path_factory.mktemp("dask-inputs")
+    for src in sorted((NIH_SAMPLE / "images").glob("*.png"))[:39]:
+        shutil.copy(src, inputs / src.name)
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path_factory.mktemp("dask-straight")
+    score_studies(params, inputs, out)
+    return params, inputs, pd.read_parquet(out / "scores.parquet")
+
+
+def _assert_same_scores(out: Path, reference) -> None:
+    """Same rows as the in-process run: every id once, same statuses, boxes and flags; the
+    probabilities equal to float32 rounding (workers run torch on one thread)."""
+    import numpy as np
+    import pandas as pd
+
+    from cxr.labels import LABEL_COLUMNS
+    from tasks.score import FLAG_COLUMNS
+
+    got = pd.read_parquet(out / "scores.parquet")
+    assert got["study_id"].is_unique and len(got) == len(reference)
+    got, ref = got.set_index("study_id").sort_index(), reference.set_index("study_id").sort_index()
+    exact = [c for c in SCORE_COLUMNS_EXACT if c != "study_id"] + list(FLAG_COLUMNS) + ["flagged"]
+    pd.testing.assert_frame_equal(got[exact], ref[exact])
+    np.testing.assert_allclose(got[list(LABEL_COLUMNS)].to_numpy(), ref[list(LABEL_COLUMNS)].to_numpy(),
+                               rtol=0, atol=1e-5)
+    assert (got.loc["broken.png", "status"] == "rejected") and "PNG" in got.loc["broken.png", "reason"]
+    assert not list((out / "parts").glob("*")), "parts left behind"
+    for row in got.itertuples():
+        assert (out / row.json).is_file()
+
+
+def _score_params(params, out_root: Path, cluster):
+    dask = DaskParams(enabled=True, address=cluster[0].scheduler_address)
+    return params.model_copy(update={"dask": dask, "paths": params.paths.model_copy(
+        update={"roots": (*params.paths.roots, out_root)})})
+
+
+def test_dask_scoring_equals_the_in_process_run(scoring, cluster, tmp_path):
+    from distributed import get_task_stream
+
+    from flows.score import score
+
+    params, inputs, reference = scoring
+    with get_task_stream(cluster[1]) as stream:
+        summary = score(_score_params(params, tmp_path, cluster), inputs, tmp_path / "out")
+    assert summary["scored"] == 39 and summary["rejected"] == 1 and summary["batches"] == 10
+    _assert_same_scores(tmp_path / "out", reference)
+    # The shards really ran in both worker processes.
+    assert len({t["worker"] for t in stream.data}) == 2
+    again = score(_score_params(params, tmp_path, cluster), inputs, tmp_path / "out")
+    assert again["new_studies"] == 0 and again["already_scored"] == 40
+
+
+def test_a_worker_killed_mid_scoring_loses_and_duplicates_nothing(scoring, cluster, tmp_path):
+    from flows.score import score
+
+    params, inputs, reference = scoring
+    lc, client = cluster
+    client.run(exec, _SLOW_SHARDS, {})
+    pids = client.run(os.getpid)
+    out = tmp_path / "out"
+    killed: list[tuple[str, list]] = []
+
+    def kill_one_worker_after_the_first_part():
+        deadline = time.time() + 90
+        while not list((out / "parts").glob("part-*.parquet")) and time.time() < deadline:
+            time.sleep(0.02)
+        busy = {addr: keys for addr, keys in client.processing().items() if keys}
+        addr = sorted(busy or pids)[0]
+        os.kill(pids[addr], signal.SIGKILL)
+        killed.append((addr, busy.get(addr, [])))
+
+    killer = threading.Thread(target=kill_one_worker_after_the_first_part)
+    killer.start()
+    try:
+        summary = score(_score_params(params, tmp_path, cluster), inputs, out)
+    finally:
+        killer.join()
+    assert killed and killed[0][1], "no worker was killed with a shard in flight"
+    assert summary["scored"] == 39 and summary["rejected"] == 1 and summary["batches"] == 10
+    _assert_same_scores(out, reference)
+    client.wait_for_workers(2, timeout=30)

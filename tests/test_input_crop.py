@@ -1,0 +1,185 @@
+"""The paper's input pipeline: resize to `model.resize`, random `image_size` crop in stage-I
+training, centre crop everywhere else (evaluation, thresholds, crop cache, scoring)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxr.config import ModelParams, Params, load_params
+from cxr.errors import DataError
+from tasks.dataset import (PixelDataset, SplitData, center_crop, center_offset, crop, input_box_to_image, load_split,
+                           network_pixels_from_image)
+from tasks.image_cache import build_image_cache, cached_pixels
+from tasks.images import load_image, load_image_uint8
+from tasks.ingest import read_metadata
+from tasks.split import read_splits
+from tasks.train import epoch_draws, train_stage
+from tasks.weights import digest_file, load_branch, load_weights
+from tests.conftest import NIH_SAMPLE, ROOT, make_params, run_cxr
+
+IMAGES = NIH_SAMPLE / "images"
+CROPPED = {"image_size": 48, "resize": 64, "local_size": 48}  # the NIH sample is 64 px: crop 48 of it
+
+
+def with_model(params: Params, **model) -> Params:
+    return params.model_copy(update={"model": params.model.model_copy(update=model)})
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def test_center_crop_geometry_tensor_and_numpy_alike():
+    x = torch.arange(2 * 8 * 8).view(2, 8, 8)
+    c = center_crop(x, 4)
+    assert c.shape == (2, 4, 4) and torch.equal(c, x[:, 2:6, 2:6])
+    assert np.array_equal(center_crop(x.numpy(), 4), x.numpy()[:, 2:6, 2:6])
+    assert torch.equal(center_crop(x, 8), x)  # no margin: the image itself
+    assert center_offset(9, 4) == 2  # odd margin: the extra pixel goes to the bottom/right
+    assert torch.equal(crop(x, 1, 3, 4), x[:, 1:5, 3:7])
+
+
+def test_resize_defaults_to_image_size_and_the_paper_profile_crops_224_from_256():
+    assert ModelParams(image_size=96).load_size == 96 and ModelParams(image_size=96).resize is None
+    paper = load_params(ROOT / "profiles" / "paper.yaml")
+    assert (paper.model.resize, paper.model.image_size, paper.model.load_size) == (256, 224, 256)
+    assert paper.cache.image_size == paper.model.load_size  # the image cache serves the 256-px pixels
+    assert load_params(ROOT / "params.yaml").model.resize is None  # the demo: no crop, dvc.lock stays valid
+
+
+def test_network_pixels_are_the_evaluation_pixels_and_boxes_map_back(workspace):
+    params = with_model(make_params(workspace), **CROPPED)
+    meta = read_metadata(workspace / "interim" / "metadata.parquet")
+    test = load_split(meta, read_splits(workspace / "processed" / "splits.parquet"), "test", IMAGES, params.model)
+    assert test.loaded.shape[1:] == (64, 64) and test.pixels.shape[1:] == (48, 48)
+    for i in (0, 7):
+        image = load_image(IMAGES / test.ids[i])
+        assert np.array_equal(network_pixels_from_image(image, params.model), test.pixels[i].numpy())
+    # Without resize: exactly today's loader output, no crop.
+    plain = make_params(workspace).model
+    assert np.array_equal(network_pixels_from_image(image, plain), load_image_uint8(IMAGES / test.ids[7], 64))
+    # A box in input pixels -> image pixels: shift by the crop offset, then scale load_size -> image.
+    paper = ModelParams(image_size=224, resize=256)
+    assert input_box_to_image((0, 0, 223, 223), paper, (1024, 1024)) == (64, 64, 959, 959)
+    assert input_box_to_image((10, 20, 30, 40), paper, (512, 256)) == ((10 + 16) * 2, 20 + 16, (30 + 16 + 1) * 2 - 1, 40 + 16)
+    assert input_box_to_image((0, 0, 63, 63), plain, (1024, 1024)) == (0, 0, 1023, 1023)
+
+
+# --------------------------------------------------------------------------- random crops
+
+
+def test_random_crops_are_seeded_per_epoch_and_stage_one_only():
+    base = make_params(NIH_SAMPLE)
+    params = with_model(base, **CROPPED)
+    n = 50
+    order, flips, offsets = epoch_draws(params, "global", 0, n)
+    again = epoch_draws(params, "global", 0, n)
+    assert all(torch.equal(a, b) for a, b in zip((order, flips, offsets), again))  # from the seed alone
+    assert offsets.shape == (n, 2) and offsets.min() >= 0 and offsets.max() <= 64 - 48
+    assert len({tuple(o) for o in offsets.tolist()}) > n // 2  # spread over the positions
+    assert not torch.equal(offsets, epoch_draws(params, "global", 1, n)[2])  # new crops each epoch
+    other_seed = params.model_copy(update={"seed": params.seed + 1})
+    assert not torch.equal(offsets, epoch_draws(other_seed, "global", 0, n)[2])
+    # Adding the crops leaves the order and flips of the same epoch as they were without them.
+    plain = epoch_draws(base, "global", 0, n)
+    assert torch.equal(plain[0], order) and torch.equal(plain[1], flips) and plain[2] is None
+    # Stages II/III read the crop cache (centre crop); off switch; no room: no random crops.
+    assert epoch_draws(params, "local", 0, n)[2] is None and epoch_draws(params, "fusion", 0, n)[2] is None
+    no_crop = params.model_copy(update={"train": params.train.model_copy(update={"random_crop": False})})
+    assert epoch_draws(no_crop, "global", 0, n)[2] is None
+    assert epoch_draws(with_model(base, resize=64), "global", 0, n)[2] is None  # resize == image_size
+
+
+def test_pixel_dataset_crops_at_the_drawn_offsets_then_flips():
+    loaded = torch.arange(3 * 6 * 6, dtype=torch.int64).view(3, 6, 6)
+    data = SplitData(["a", "b", "c"], loaded, torch.zeros(3, 14), 4)
+    offsets = torch.tensor([[0, 0], [2, 1], [1, 2]])
+    flips = torch.tensor([False, True, False])
+    ds = PixelDataset(data, flips, offsets)
+    assert torch.equal(ds[0][0], loaded[0, 0:4, 0:4])
+    assert torch.equal(ds[1][0], loaded[1, 2:6, 1:5].flip(-1))
+    assert torch.equal(ds[2][0], loaded[2, 1:5, 2:6])
+    assert torch.equal(PixelDataset(data)[1][0], loaded[1, 1:5, 1:5])  # no offsets: the centre
+
+
+# --------------------------------------------------------------------------- training and caches
+
+
+@pytest.fixture(scope="module")
+def tiny(workspace, tmp_path_factory) -> Params:
+    """Stage-I params cropping 48 px from the 64-px sample, on a 160-image slice of its split."""
+    root = tmp_path_factory.mktemp("crop-ws")
+    splits = read_splits(workspace / "processed" / "splits.parquet")
+    sub = pd.concat([g.head({"train": 120}.get(name, 40)) for name, g in splits.groupby("split")])
+    (root / "processed").mkdir()
+    sub.to_parquet(root / "processed" / "splits.parquet", index=False)
+    shutil.copy(workspace / "processed" / "class_weights.json", root / "processed")
+    params = with_model(make_params(workspace, epochs=2, batch_size=32), **CROPPED)
+    return params.model_copy(update={"paths": params.paths.model_copy(update={"processed": root / "processed"})})
+
+
+def _at(params: Params, root, **train) -> Params:
+    paths = params.paths.model_copy(update={"models": root / "models", "metrics": root / "metrics", "cache": root / "cache"})
+    return params.model_copy(update={"paths": paths, "train": params.train.model_copy(update=train)})
+
+
+def test_stage_one_with_random_crops_is_deterministic_cache_agnostic_and_resumable(tiny, tmp_path):
+    decoded = _at(tiny, tmp_path / "a")
+    first = train_stage(decoded, "global", progress=False)
+    # Same seed, pixels from the image cache at resize (not image_size): the same weights.
+    cached = _at(tiny, tmp_path / "b")
+    ids = read_splits(tiny.paths.processed / "splits.parquet")["image_id"].tolist()
+    build_image_cache(IMAGES, ids, cached.paths.cache / "images", tiny.model.resize, 64)
+    assert cached_pixels(cached.paths.cache / "images", ids[:2], IMAGES, tiny.model.load_size) is not None
+    assert train_stage(cached, "global", progress=False)["digest"] == first["digest"]
+    # Killed after epoch 0 and resumed: bitwise the uninterrupted result.
+    resumed = _at(tiny, tmp_path / "c")
+    assert train_stage(resumed, "global", progress=False, stop_after_epoch=0) == {"stage": "global", "stopped_after_epoch": 0}
+    assert train_stage(resumed, "global", progress=False)["digest"] == first["digest"]
+    # The crops are really used: centre crops only train other weights.
+    centre = train_stage(_at(tiny, tmp_path / "d", random_crop=False), "global", progress=False)
+    assert centre["digest"] != first["digest"]
+    _, meta = load_weights(tmp_path / "a" / "models" / "global.safetensors")
+    assert (meta["image_size"], meta["resize"]) == (48, 64)
+
+
+def test_crop_cache_global_input_is_the_centre_crop(tiny, tmp_path):
+    from models.agcnn import attention_crops
+    from tasks.crop_cache import ensure_crop_cache, plan_crop_cache
+    from tasks.dataset import to_input
+
+    params = _at(tiny, tmp_path)
+    train_stage(params, "global", progress=False)
+    ids = read_splits(params.paths.processed / "splits.parquet")["image_id"].tolist()
+    build_image_cache(IMAGES, ids, params.paths.cache / "images", params.model.load_size, 64)
+    assert plan_crop_cache(params).image_cache is not None  # served from the 64-px image cache
+    reader = ensure_crop_cache(params)
+    assert reader.meta["load_size"] == 64 and reader.meta["image_size"] == 48
+    assert plan_crop_cache(with_model(params, resize=56)).key != reader.key  # resize is part of the key
+    some = reader.ids[:16]
+    m = params.model
+    pixels = torch.stack([torch.from_numpy(network_pixels_from_image(load_image(IMAGES / i), m)) for i in some])
+    branch = load_branch(params.paths.models / "global.safetensors", m.backbone)
+    with torch.no_grad():
+        x = to_input(pixels)
+        _, boxes = attention_crops(x, branch(x).features, m.local_size, m.attention.threshold, m.attention.mode)
+    assert torch.equal(torch.tensor(reader.index.take(reader.rows(some))["box"].to_pylist()), boxes)
+
+
+# --------------------------------------------------------------------------- refused params
+
+
+def test_resize_below_image_size_is_refused_before_any_work(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("model:\n  image_size: 224\n  resize: 200\n")
+    with pytest.raises(DataError, match=r"model: .*model\.resize \(200\) is smaller than model\.image_size \(224\)"):
+        load_params(bad)
+    out = tmp_path / "processed"
+    result = run_cxr("--params", str(bad), "split", "--metadata", str(tmp_path / "none.parquet"), "--out", str(out))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "model.resize (200) is smaller than model.image_size (224)" in result.stderr.replace("\n", " ")
+    assert "Traceback" not in result.stderr and not out.exists()
