@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,15 +52,11 @@ def make_sources(folder: Path) -> list[str]:
     return ids
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from benchmarks.dask_harness import prefect_server
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -72,16 +66,9 @@ def main() -> None:
         (tmp / "processed").mkdir()
         pq.write_table(pa.table({"image_id": ids, "patient_id": list(range(N)), "split": ["train"] * N}),
                        tmp / "processed" / "splits.parquet")
-        env = dict(os.environ, PREFECT_HOME=str(tmp / "prefect"), CXR_PREFECT_PORT=str(_free_port()))
-        url = subprocess.run([str(ROOT / "scripts/prefect-server.sh"), "start"], env=env, check=True,
-                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        # Set before Prefect is imported, here and in the Dask workers (spawned from this process).
-        os.environ.update(PREFECT_API_URL=url, PREFECT_HOME=env["PREFECT_HOME"], PREFECT_LOGGING_LEVEL="WARNING")
         load_before = os.getloadavg()[0]
-        try:
+        with prefect_server(tmp):
             result = _measure(tmp, ids)
-        finally:
-            subprocess.run([str(ROOT / "scripts/prefect-server.sh"), "stop"], env=env, check=False, capture_output=True)
     # Anything else running on the cores (load above the workers' own) shrinks the 2-worker gain.
     result["load_average_1m"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
     result["render_s"] = round(render_s, 1)
@@ -96,8 +83,6 @@ def main() -> None:
 
 def _measure(tmp: Path, ids: list[str]) -> dict:
     import pyarrow.parquet as pq
-    from distributed import Client, LocalCluster, get_task_stream
-
     from cxr.config import Params
     from flows.cache import cache_images
 
@@ -111,37 +96,21 @@ def _measure(tmp: Path, ids: list[str]) -> dict:
             "dask": {"enabled": True, "address": address},
         })
 
-    from flows.runner import use_default_malloc_in_local_workers
+    from benchmarks.dask_harness import alternating_rounds, local_clusters
 
-    use_default_malloc_in_local_workers()  # as the flows' own local clusters do
-    clusters = {n: LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") for n in (1, 2)}
-    # Not the default client: DaskTaskRunner prefers a default client's cluster over its address.
-    clients = {n: Client(c, set_as_default=False) for n, c in clusters.items()}
-    try:
-        for client in clients.values():  # what every chunk task imports, paid before timing
-            client.run(exec, "import prefect.task_engine, tasks.prefect_tasks, tasks.image_cache, tasks.images", {})
+    with local_clusters("import prefect.task_engine, tasks.prefect_tasks, tasks.image_cache, tasks.images") as (
+            clusters, clients):
         cache_images(params(clusters[1].scheduler_address, tmp / "warm"))  # the flow process's imports
-        wall = {1: [], 2: []}
-        phase = {1: [], 2: []}
-        indexes = {}
-        for r in range(ROUNDS):
-            for n in ((1, 2) if r % 2 == 0 else (2, 1)):
-                cache = tmp / f"cache-{n}-{r}"
-                with get_task_stream(clients[n]) as stream:
-                    t0 = time.perf_counter()
-                    summary = cache_images(params(clusters[n].scheduler_address, cache))
-                    wall[n].append(time.perf_counter() - t0)
-                spans = [s for t in stream.data for s in t["startstops"] if s["action"] == "compute"]
-                phase[n].append(max(s["stop"] for s in spans) - min(s["start"] for s in spans))
-                assert summary["items"] == N and not summary["up_to_date"], summary
-                workers = {t["worker"] for t in stream.data}
-                assert len(workers) == n, f"{n} workers asked, {len(workers)} used"
-                indexes[n] = pq.read_table(cache / "images" / "index.parquet")
-        assert indexes[1].equals(indexes[2]), "1 and 2 workers published different indexes"
-    finally:
-        for n in (1, 2):
-            clients[n].close()
-            clusters[n].close()
+
+        def build(n: int, r: int):
+            cache = tmp / f"cache-{n}-{r}"
+            summary = cache_images(params(clusters[n].scheduler_address, cache))
+            assert summary["items"] == N and not summary["up_to_date"], summary
+            return pq.read_table(cache / "images" / "index.parquet")
+
+        rounds = alternating_rounds(clients, ROUNDS, build)
+    wall, phase = rounds["wall"], rounds["phase"]
+    assert rounds["results"][1][-1].equals(rounds["results"][2][-1]), "1 and 2 workers published different indexes"
     ips = {n: N / min(w) for n, w in wall.items()}
     chunk_ips = {n: N / min(p) for n, p in phase.items()}
     return {

@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from cxr.atomic import atomic_path, atomic_write_json
-from cxr.config import Params
+from cxr.config import ModelParams, Params
 from cxr.errors import DataError
 from cxr.labels import LABEL_COLUMNS, PATHOLOGIES
-from tasks.dataset import to_input
-from tasks.images import LoaderLimits, file_sha256, load_image, to_uint8
-from tasks.overlay import display_shape, render_overlay, resize_gray, save_png, scale_box, thumbnail
+from tasks.dataset import input_box_to_image, network_pixels_from_image, to_input
+from tasks.images import LoaderLimits, file_sha256, load_image
+from tasks.overlay import display_shape, render_overlay, resize_gray, save_png, thumbnail
 from tasks.registry import verify
 from tasks.thresholds import load_or_compute_thresholds
 from tasks.train import pick_device
@@ -126,19 +126,19 @@ def _reason(exc: DataError) -> str:
     return text[len(exc.where) + 2 :] if exc.where and text.startswith(f"{exc.where}: ") else text
 
 
-def network_pixels(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) float [0, 1] -> (size, size) uint8, exactly as `load_image_uint8` resizes it."""
-    return to_uint8(image, size)
+def network_pixels(image: np.ndarray, model: ModelParams) -> np.ndarray:
+    """(H, W) float [0, 1] -> (image_size, image_size) uint8: the input a test image of the same file gets."""
+    return network_pixels_from_image(image, model)
 
 
-def _load(study: _Study, size: int, limits: LoaderLimits, overlay_size: int) -> _Study:
+def _load(study: _Study, model: ModelParams, limits: LoaderLimits, overlay_size: int) -> _Study:
     try:
         image = load_image(study.path, limits)  # the one loader: one decode serves input and pictures
     except DataError as exc:
         study.reason = _reason(exc)
         return study
     study.shape = image.shape
-    study.pixels = network_pixels(image, size)
+    study.pixels = network_pixels(image, model)
     study.display = resize_gray(image, display_shape(*image.shape, overlay_size))
     return study
 
@@ -196,18 +196,25 @@ def class_activation_maps(features: torch.Tensor, weights: torch.Tensor, classes
 
 def _rows_for_batch(model, batch: list[_Study], device, params: Params, thresholds: np.ndarray):
     """Forward one batch; yield (study, facts) with probabilities, flags, boxes and display CAMs."""
-    size, top = params.model.image_size, params.score.top_findings
+    m, top = params.model, params.score.top_findings
     with torch.inference_mode():
         out = model(to_input(torch.from_numpy(np.stack([s.pixels for s in batch])), device))
         probs = torch.sigmoid(out.fusion_logits.float())
         classes = probs.topk(top, dim=1).indices
         cams = class_activation_maps(out.global_features, model.global_branch.classifier.weight, classes)
     probs, classes, boxes, cams = probs.cpu().numpy(), classes.cpu().numpy(), out.boxes.cpu().numpy(), cams.cpu()
+    whole_input = (0, 0, m.image_size - 1, m.image_size - 1)
     for i, study in enumerate(batch):
         dh, dw = study.display.shape
-        up = F.interpolate(cams[i : i + 1], size=(dh, dw), mode="bilinear", align_corners=False)[0].numpy()
-        yield study, probs[i], probs[i] >= thresholds, classes[i], scale_box(tuple(boxes[i]), (size, size), study.shape), \
-            scale_box(tuple(boxes[i]), (size, size), (dh, dw)), up
+        # The maps cover the network input, i.e. the centre crop of the resized image: place
+        # them on that region of the picture (all of it when model.resize is unset).
+        y0, x0, y1, x1 = input_box_to_image(whole_input, m, (dh, dw))
+        up = np.zeros((cams.shape[1], dh, dw), dtype=np.float32)
+        up[:, y0 : y1 + 1, x0 : x1 + 1] = F.interpolate(cams[i : i + 1], size=(y1 - y0 + 1, x1 - x0 + 1),
+                                                        mode="bilinear", align_corners=False)[0].numpy()
+        box = tuple(boxes[i])
+        yield study, probs[i], probs[i] >= thresholds, classes[i], input_box_to_image(box, m, study.shape), \
+            input_box_to_image(box, m, (dh, dw)), up
 
 
 def _write_study(out_dir: Path, row: dict, study: _Study | None, pictures) -> None:
@@ -351,7 +358,7 @@ def score_shard(context: ScoreContext, index: int, studies: list[_Study], worker
     # Copies: a shard's studies may be reused by the caller (in-process), pixels must not stick to them.
     chunk = [_Study(st.study_id, st.path, st.sha256, st.reason) for st in studies]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        chunk = list(pool.map(lambda st: st if st.reason else _load(st, params.model.image_size, limits, s.overlay_size),
+        chunk = list(pool.map(lambda st: st if st.reason else _load(st, params.model, limits, s.overlay_size),
                               chunk))
         good = [st for st in chunk if st.reason is None]
         rows, writes = [], []

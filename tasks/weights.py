@@ -50,10 +50,18 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, json.loads(raw_meta.get("cxr", "{}"))
 
 
-def load_branch(path: Path, backbone: str) -> Branch:
+def load_branch(path: Path, backbone: str, model=None) -> Branch:
+    """A branch from safetensors; with `model` (ModelParams), also refuse weights trained on
+    another input geometry (image_size, resize) than the params would feed them."""
     state, meta = load_weights(path)
     if meta.get("backbone", backbone) != backbone:
         raise DataError(f"weights were trained for backbone {meta.get('backbone')}, params ask for {backbone}", where=str(path))
+    if model is not None and "image_size" in meta:
+        trained = (meta["image_size"], meta.get("resize") or meta["image_size"])
+        if trained != (model.image_size, model.load_size):
+            raise DataError(f"weights were trained on {trained[0]} px inputs cut from images resized to {trained[1]} px, "
+                            f"params ask for {model.image_size} px from {model.load_size} px (model.image_size, "
+                            "model.resize); use the params the model was trained with", where=str(path))
     branch = build_branch(backbone, "none")
     try:
         branch.load_state_dict(state)
@@ -82,7 +90,7 @@ def model_digest(models_dir: Path) -> str:
 
 def load_agcnn(models_dir: Path, params) -> AGCNN:
     m = params.model
-    g = load_branch(Path(models_dir) / "global.safetensors", m.backbone)
+    g = load_branch(Path(models_dir) / "global.safetensors", m.backbone, m)
     local = load_branch(Path(models_dir) / "local.safetensors", m.backbone)
     fusion = load_fusion(Path(models_dir) / "fusion.safetensors", g.feature_dim, local.feature_dim)
     return AGCNN(g, local, fusion, local_size=m.local_size, threshold=m.attention.threshold, mode=m.attention.mode).eval()

@@ -19,8 +19,8 @@ from tasks.images import load_image, load_image_uint8
 from tasks.ingest import read_metadata
 from tasks.split import read_splits
 from tasks.train import epoch_draws, train_stage
-from tasks.weights import digest_file, load_branch, load_weights
-from tests.conftest import NIH_SAMPLE, ROOT, make_params, run_cxr
+from tasks.weights import load_branch, load_weights
+from tests.conftest import NIH_SAMPLE, ROOT, make_params
 
 IMAGES = NIH_SAMPLE / "images"
 CROPPED = {"image_size": 48, "resize": 64, "local_size": 48}  # the NIH sample is 64 px: crop 48 of it
@@ -111,10 +111,10 @@ def test_pixel_dataset_crops_at_the_drawn_offsets_then_flips():
 
 @pytest.fixture(scope="module")
 def tiny(workspace, tmp_path_factory) -> Params:
-    """Stage-I params cropping 48 px from the 64-px sample, on a 160-image slice of its split."""
+    """Stage-I params cropping 48 px from the 64-px sample, 2 epochs on a 160-image slice of its split."""
     root = tmp_path_factory.mktemp("crop-ws")
     splits = read_splits(workspace / "processed" / "splits.parquet")
-    sub = pd.concat([g.head({"train": 120}.get(name, 40)) for name, g in splits.groupby("split")])
+    sub = pd.concat([g.head({"train": 96}.get(name, 32)) for name, g in splits.groupby("split")])
     (root / "processed").mkdir()
     sub.to_parquet(root / "processed" / "splits.parquet", index=False)
     shutil.copy(workspace / "processed" / "class_weights.json", root / "processed")
@@ -127,33 +127,38 @@ def _at(params: Params, root, **train) -> Params:
     return params.model_copy(update={"paths": paths, "train": params.train.model_copy(update=train)})
 
 
-def test_stage_one_with_random_crops_is_deterministic_cache_agnostic_and_resumable(tiny, tmp_path):
-    decoded = _at(tiny, tmp_path / "a")
-    first = train_stage(decoded, "global", progress=False)
-    # Same seed, pixels from the image cache at resize (not image_size): the same weights.
-    cached = _at(tiny, tmp_path / "b")
-    ids = read_splits(tiny.paths.processed / "splits.parquet")["image_id"].tolist()
-    build_image_cache(IMAGES, ids, cached.paths.cache / "images", tiny.model.resize, 64)
-    assert cached_pixels(cached.paths.cache / "images", ids[:2], IMAGES, tiny.model.load_size) is not None
-    assert train_stage(cached, "global", progress=False)["digest"] == first["digest"]
-    # Killed after epoch 0 and resumed: bitwise the uninterrupted result.
-    resumed = _at(tiny, tmp_path / "c")
-    assert train_stage(resumed, "global", progress=False, stop_after_epoch=0) == {"stage": "global", "stopped_after_epoch": 0}
-    assert train_stage(resumed, "global", progress=False)["digest"] == first["digest"]
-    # The crops are really used: centre crops only train other weights.
-    centre = train_stage(_at(tiny, tmp_path / "d", random_crop=False), "global", progress=False)
-    assert centre["digest"] != first["digest"]
-    _, meta = load_weights(tmp_path / "a" / "models" / "global.safetensors")
+@pytest.fixture(scope="module")
+def cropped(tiny, tmp_path_factory) -> tuple[Params, dict]:
+    """Stage I trained once with random crops, pixels decoded by the loader (no image cache)."""
+    params = _at(tiny, tmp_path_factory.mktemp("cropped"))
+    return params, train_stage(params, "global", progress=False)
+
+
+def test_stage_one_with_random_crops_is_deterministic_resumable_and_cache_agnostic(tiny, cropped, tmp_path):
+    first = cropped[1]
+    _, meta = load_weights(first["weights"])
     assert (meta["image_size"], meta["resize"]) == (48, 64)
+    # Same seed, pixels from the image cache at resize (not image_size), killed after epoch 0
+    # and resumed: bitwise the weights of the uninterrupted, decoding run.
+    again = _at(tiny, tmp_path / "b")
+    ids = read_splits(tiny.paths.processed / "splits.parquet")["image_id"].tolist()
+    build_image_cache(IMAGES, ids, again.paths.cache / "images", tiny.model.resize, 64)
+    assert cached_pixels(again.paths.cache / "images", ids[:2], IMAGES, tiny.model.load_size) is not None
+    assert train_stage(again, "global", progress=False, stop_after_epoch=0) == {"stage": "global", "stopped_after_epoch": 0}
+    assert train_stage(again, "global", progress=False)["digest"] == first["digest"]
+    # The crops are really used: centre crops only train other weights.
+    centre = train_stage(_at(tiny, tmp_path / "c", random_crop=False), "global", progress=False)
+    assert centre["digest"] != first["digest"]
 
 
-def test_crop_cache_global_input_is_the_centre_crop(tiny, tmp_path):
+def test_crop_cache_global_input_is_the_centre_crop(cropped, tmp_path):
     from models.agcnn import attention_crops
     from tasks.crop_cache import ensure_crop_cache, plan_crop_cache
     from tasks.dataset import to_input
 
-    params = _at(tiny, tmp_path)
-    train_stage(params, "global", progress=False)
+    params = _at(cropped[0], tmp_path)
+    (tmp_path / "models").mkdir()
+    shutil.copy(cropped[1]["weights"], tmp_path / "models")
     ids = read_splits(params.paths.processed / "splits.parquet")["image_id"].tolist()
     build_image_cache(IMAGES, ids, params.paths.cache / "images", params.model.load_size, 64)
     assert plan_crop_cache(params).image_cache is not None  # served from the 64-px image cache
@@ -173,13 +178,27 @@ def test_crop_cache_global_input_is_the_centre_crop(tiny, tmp_path):
 # --------------------------------------------------------------------------- refused params
 
 
-def test_resize_below_image_size_is_refused_before_any_work(tmp_path):
+def test_resize_below_image_size_is_refused_before_any_work(tmp_path, capsys):
+    from cxr.cli import main
+
     bad = tmp_path / "params.yaml"
     bad.write_text("model:\n  image_size: 224\n  resize: 200\n")
     with pytest.raises(DataError, match=r"model: .*model\.resize \(200\) is smaller than model\.image_size \(224\)"):
         load_params(bad)
+    # The CLI entry point in-process (the `cxr` script may be installed from another checkout).
     out = tmp_path / "processed"
-    result = run_cxr("--params", str(bad), "split", "--metadata", str(tmp_path / "none.parquet"), "--out", str(out))
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "model.resize (200) is smaller than model.image_size (224)" in result.stderr.replace("\n", " ")
-    assert "Traceback" not in result.stderr and not out.exists()
+    assert main(["--params", str(bad), "split", "--metadata", str(tmp_path / "none.parquet"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert err.startswith("cxr split: error:") and "model.resize (200) is smaller than model.image_size (224)" in err
+    assert not out.exists()
+
+
+def test_weights_refuse_another_input_geometry(trained):
+    """Scoring and evaluation load the model through load_agcnn: weights trained on 64 px
+    inputs from 64 px images are refused for 64 px crops of 80 px images, with both named."""
+    from tasks.weights import load_agcnn
+
+    load_agcnn(trained.paths.models, trained)  # the params it was trained with
+    other = trained.model_copy(update={"model": trained.model.model_copy(update={"resize": 80})})
+    with pytest.raises(DataError, match=r"trained on 64 px inputs cut from images resized to 64 px.*64 px from 80 px"):
+        load_agcnn(trained.paths.models, other)

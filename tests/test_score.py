@@ -88,7 +88,7 @@ def test_real_studies_are_scored_with_sensible_outputs(params, tmp_path):
         assert overlay.width == (1 + params.score.top_findings) * 128  # one panel per top finding
     # Scoring resizes exactly as the training loader does.
     path = STUDIES / "00000001_000.png"
-    assert np.array_equal(network_pixels(load_image(path), 64), load_image_uint8(path, 64))
+    assert np.array_equal(network_pixels(load_image(path), params.model), load_image_uint8(path, 64))
     page = (out / "report.html").read_text()
     assert html.escape(NOT_A_DEVICE) in page and summary["model_digest"] in page and summary["data_version"] in page
     assert summary["backbone"] == "resnet18" and len(summary["training_data_version"]) == 64

@@ -1,0 +1,79 @@
+"""What the Dask benchmarks share: a private Prefect server, a 1-worker and a 2-worker local
+cluster, and alternating timed rounds on both (the best round of each counts)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def prefect_server(tmp: Path):
+    """A Prefect server of the project's own script under `tmp`; flows and workers report to it."""
+    env = dict(os.environ, PREFECT_HOME=str(tmp / "prefect"), CXR_PREFECT_PORT=str(_free_port()))
+    url = subprocess.run([str(ROOT / "scripts/prefect-server.sh"), "start"], env=env, check=True,
+                         capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    # Set before Prefect is imported, here and in the Dask workers (spawned from this process).
+    os.environ.update(PREFECT_API_URL=url, PREFECT_HOME=env["PREFECT_HOME"], PREFECT_LOGGING_LEVEL="WARNING")
+    try:
+        yield url
+    finally:
+        subprocess.run([str(ROOT / "scripts/prefect-server.sh"), "stop"], env=env, check=False, capture_output=True)
+
+
+@contextmanager
+def local_clusters(imports: str):
+    """{1: cluster, 2: cluster} of one-thread worker processes and their (non-default) clients;
+    `imports` runs on every worker first, so that no timed round pays for them."""
+    from distributed import Client, LocalCluster
+
+    from flows.runner import use_default_malloc_in_local_workers
+
+    use_default_malloc_in_local_workers()  # as the flows' own local clusters do
+    clusters = {n: LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") for n in (1, 2)}
+    # Not the default client: DaskTaskRunner prefers a default client's cluster over its address.
+    clients = {n: Client(c, set_as_default=False) for n, c in clusters.items()}
+    try:
+        for client in clients.values():
+            client.run(exec, imports, {})
+        yield clusters, clients
+    finally:
+        for n in (1, 2):
+            clients[n].close()
+            clusters[n].close()
+
+
+def alternating_rounds(clients: dict, rounds: int, run) -> dict:
+    """run(n, r) on the n-worker cluster, rounds x (1, 2) in alternating order.
+
+    Returns {"wall": {n: [s]}, "phase": {n: [s]}, "results": {n: [run's value]}}: wall is the
+    whole call, phase the first task start to the last task end on the workers. Asserts that
+    each round used all n workers.
+    """
+    from distributed import get_task_stream
+
+    out = {"wall": {1: [], 2: []}, "phase": {1: [], 2: []}, "results": {1: [], 2: []}}
+    for r in range(rounds):
+        for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+            with get_task_stream(clients[n]) as stream:
+                t0 = time.perf_counter()
+                value = run(n, r)
+                out["wall"][n].append(time.perf_counter() - t0)
+            spans = [s for t in stream.data for s in t["startstops"] if s["action"] == "compute"]
+            out["phase"][n].append(max(s["stop"] for s in spans) - min(s["start"] for s in spans))
+            workers = {t["worker"] for t in stream.data}
+            assert len(workers) == n, f"{n} workers asked, {len(workers)} used"
+            out["results"][n].append(value)
+    return out
