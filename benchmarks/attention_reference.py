@@ -2,7 +2,9 @@
 
 The oracle for `models.attention` (tests and benchmark). Upsampling uses
 torch.nn.functional.interpolate on each single image with the same bilinear,
-align_corners=False setting, so results are comparable bit for bit.
+align_corners=False setting, so results are comparable bit for bit. Crops come in two
+per-image flavours: skimage's bilinear resize (the numpy way; float64, so equal to ~1e-5)
+and torch's native F.interpolate on each crop (the strongest per-image baseline).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from skimage.measure import label
+from skimage.transform import resize
 
 
 def _size2(image_size):
@@ -65,3 +68,14 @@ def reference_crops(images: torch.Tensor, boxes, size) -> torch.Tensor:
         crops.append(F.interpolate(img[:, y0:y1 + 1, x0:x1 + 1][None], size=size, mode="bilinear",
                                    align_corners=False)[0])
     return torch.stack(crops)
+
+
+def reference_crops_skimage(images: np.ndarray, boxes, size) -> np.ndarray:
+    """images (B, C, H, W) float32 array -> (B, C, S, S) per-image skimage bilinear crops."""
+    size = _size2(size)
+    out = np.empty((len(images), images.shape[1], *size), dtype=np.float32)
+    for i, (y0, x0, y1, x1) in enumerate(np.asarray(boxes).tolist()):
+        # order=1 with edge mode is bilinear with the half-pixel convention of align_corners=False.
+        out[i] = resize(images[i, :, y0 : y1 + 1, x0 : x1 + 1], (images.shape[1], *size), order=1, mode="edge",
+                        anti_aliasing=False, preserve_range=True)
+    return out

@@ -61,20 +61,24 @@ def evaluate_task(params, **kwargs) -> dict:
     return evaluate(params, **kwargs)
 
 
-def _one_torch_thread_on_dask_worker() -> None:
-    # A worker runs threads_per_worker chunks at once and workers x threads is sized to the
-    # cores; torch's own intra-op pool per chunk would oversubscribe them.
+def _one_torch_thread_on_dask_worker() -> bool:
+    """On a Dask worker: torch on one thread, and True (the task keeps to one thread too).
+
+    A worker runs threads_per_worker tasks at once and workers x threads is sized to the
+    cores; torch's intra-op pool (or a task's own thread pool) per task would oversubscribe them.
+    """
     if "distributed" not in sys.modules:
-        return
+        return False
     from distributed import get_worker
 
     try:
         get_worker()
     except ValueError:  # not inside a Dask worker
-        return
+        return False
     import torch
 
     torch.set_num_threads(1)
+    return True
 
 
 # Scoring is resumable by design, so a transient I/O retry only finishes the rest.
@@ -89,8 +93,8 @@ def plan_scoring_task(params, input_dir, out_dir, **kwargs):
 def score_shard_task(context, index: int, studies) -> dict:
     from tasks.score import score_shard
 
-    _one_torch_thread_on_dask_worker()
-    return score_shard(context, index, studies)
+    on_worker = _one_torch_thread_on_dask_worker()
+    return score_shard(context, index, studies, workers=1 if on_worker else 2)
 
 
 @_task("finish-scoring")

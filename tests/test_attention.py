@@ -271,3 +271,25 @@ def test_boxes_then_crops_end_to_end_batch_of_one():
     np.testing.assert_array_equal(boxes.numpy(), reference_boxes(f.numpy(), 112))
     crops = crop_boxes(images, boxes, 56)
     assert crops.shape == (1, 3, 56, 56)
+
+
+def test_heatmap_max_abs_equals_amax_for_odd_and_even_channel_counts():
+    for shape in ((5, 2047, 3, 3), (3, 7, 2, 2), (40, 64, 7, 7), (2, 1, 4, 4)):
+        f = torch.randn(*shape)
+        assert torch.equal(attention_heatmap(f), f.abs().amax(dim=1)), shape
+
+
+@pytest.mark.parametrize("source,size", [((7, 7), (224, 224)), ((8, 8), (256, 256)), ((7, 5), (37, 61)),
+                                         ((7, 7), (100, 100))])
+def test_row_blocks_path_and_interpolate_path_agree_with_the_reference(source, size):
+    """The hot-row path (exact for integer scale factors) and the every-pixel F.interpolate path
+    (taken where the row path's rounding is not F.interpolate's) both give the reference's boxes."""
+    from models.attention import _mask_transitions, _mask_transitions_interpolate, _normalized_heatmap, _rows_exact
+
+    torch.manual_seed(1)
+    f = torch.relu(torch.randn(48, 16, *source))
+    norm = _normalized_heatmap(f, "max_abs")
+    assert torch.equal(_mask_transitions(norm, size, 0.7), _mask_transitions_interpolate(norm, size, 0.7))
+    np.testing.assert_array_equal(attention_boxes(f, size, 0.7).numpy(), reference_boxes(f.numpy(), size, 0.7))
+    if source == (7, 7) and size == (224, 224):
+        assert _rows_exact(f.device, source, size)  # the benchmark's shape takes the fast path
