@@ -30,9 +30,16 @@ test: setup
 ui: setup
 	scripts/prefect-server.sh foreground
 
+# Every benchmark writes benchmarks/results/<name>.json; run on an otherwise idle machine.
 bench: setup
 	$(BIN)/python benchmarks/bench_ingest_split.py
 	$(BIN)/python benchmarks/bench_attention.py
+	$(BIN)/python benchmarks/bench_image_cache.py
+	$(BIN)/python benchmarks/bench_crop_cache.py
+	$(BIN)/python benchmarks/bench_score.py
+	$(BIN)/python benchmarks/bench_ddp.py
+	$(BIN)/python benchmarks/bench_dask_cache.py
+	$(BIN)/python benchmarks/bench_dask_score.py
 
 # The bad-input corpus (generated, never committed): images/DICOMs and faulty metadata CSVs.
 corpus: setup

@@ -158,6 +158,27 @@ def test_cached_crops_equal_on_the_fly_crops(small):
         assert torch.allclose(pooled, g.pooled, atol=1e-4)
 
 
+def test_crop_cache_build_stopped_mid_way_resumes_to_the_uninterrupted_index(small, tmp_path):
+    """The crop cache resumes like the image cache: finished chunks are kept, nothing is
+    published until the last one, and the result equals an uninterrupted build."""
+    def at(root: Path):
+        return small.model_copy(update={"paths": small.paths.model_copy(update={"cache": root})})
+
+    straight = build_crop_cache(at(tmp_path / "straight"))
+    assert build_crop_cache(at(tmp_path / "stopped"), stop_after_chunks=2)["stopped_after_chunks"] == 2
+    root = crop_cache_dir(at(tmp_path / "stopped"))
+    assert not (root / "index.parquet").exists()  # nothing half-built is published
+    assert len(list(cache_store.version_dir(root, straight["key"]).glob("chunk-*.parquet"))) == 2
+    resumed = build_crop_cache(at(tmp_path / "stopped"))
+    assert resumed["key"] == straight["key"] and not resumed["up_to_date"]
+    a, b = (pq.read_table(crop_cache_dir(at(tmp_path / n)) / "index.parquet") for n in ("straight", "stopped"))
+    assert a.equals(b) and a.schema.metadata == b.schema.metadata
+    ra, rb = CacheReader(crop_cache_dir(at(tmp_path / "straight"))), CacheReader(root)
+    rows = ra.rows(ra.ids)
+    for column in ("crops", "pooled"):
+        assert np.array_equal(ra.get(column, rows), rb.get(column, rows)), column
+
+
 def test_stale_weights_or_params_are_detected_and_rebuilt(small, tmp_path, prefect_server):
     from flows.cache import cache_crops_flow
 
