@@ -76,8 +76,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="serve the nightly-scoring Prefect deployment (cron from params; runs until stopped)")
 
-    p = sub.add_parser("pipeline", help="run the data pipeline in one flow run (synth -> ingest -> split)")
-    p.add_argument("--metadata", type=Path, help="NIH Data_Entry CSV (default: synthesize the demo data)")
+    p = sub.add_parser("pipeline", help="run the whole DAG in one flow run: data, caches, three stages, evaluation")
+    p.add_argument("--metadata", type=Path, help="NIH Data_Entry CSV (default: params data.metadata, else synthesize the demo data)")
     return parser
 
 
@@ -123,7 +123,9 @@ def _run(args: argparse.Namespace) -> dict:
         serve(args.params)
         return {"served": "nightly-scoring"}
     if args.command == "pipeline":
-        return data.data_pipeline_flow(params, args.metadata)
+        from flows.pipeline import pipeline_flow
+
+        return pipeline_flow(params, args.metadata)
     raise AssertionError(args.command)
 
 

@@ -197,8 +197,21 @@ class NightlyParams(_Strict):
     timezone: str = ""
 
 
+class DataParams(_Strict):
+    """Which data the pipeline runs on: the synthetic demo (all unset) or real NIH files."""
+
+    # A Data_Entry CSV (2017 or v2020 header) to ingest; unset: `cxr synth` renders the demo data.
+    metadata: Path | None = None
+    # Folder of images named by image id; when set it is paths.images (one place reads images).
+    images_dir: Path | None = None
+    # An external split CSV (Image Index, split): checked for patient leakage and used as is;
+    # unset: `cxr split` makes a patient-level split.
+    split_assignments: Path | None = None
+
+
 class Params(_Strict):
     seed: int = 42
+    data: DataParams = DataParams()
     paths: Paths = Paths()
     synth: SynthParams = SynthParams()
     split: SplitParams = SplitParams()
@@ -209,6 +222,28 @@ class Params(_Strict):
     score: ScoreParams = ScoreParams()
     nightly: NightlyParams = NightlyParams()
     dask: DaskParams = DaskParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _images_dir_is_paths_images(cls, raw):
+        data = raw.get("data") if isinstance(raw, dict) else None
+        images = data.get("images_dir") if isinstance(data, dict) else None
+        if images is None:
+            return raw
+        paths = dict(raw.get("paths") or {})
+        if "images" in paths and Path(paths["images"]) != Path(images):
+            raise ValueError(f"data.images_dir ({images}) and paths.images ({paths['images']}) disagree; set one of them")
+        return {**raw, "paths": {**paths, "images": images}}
+
+    @model_validator(mode="after")
+    def _data_files_confined(self):
+        roots = [r.resolve() for r in self.paths.roots]
+        for name in ("metadata", "split_assignments"):
+            value = getattr(self.data, name)
+            if value is not None and not any(value.resolve() == r or r in value.resolve().parents for r in roots):
+                raise ValueError(f"data.{name} resolves to {value.resolve()}, outside the data roots "
+                                 f"({', '.join(map(str, roots))}); add its folder to paths.roots if it is meant to be used")
+        return self
 
 
 def load_params(path: str | Path | None = "params.yaml") -> Params:

@@ -43,9 +43,14 @@ def split_flow(params: Params, metadata_parquet: Path, out_dir: Path, assignment
 
 @flow(name="data-pipeline", log_prints=True)
 def data_pipeline_flow(params: Params, metadata_csv: Path | None = None) -> dict:
-    """The whole data layer in one flow run: synth (when no CSV is given), ingest, split."""
+    """The data layer in one flow run: synth (when there is no metadata CSV), ingest, split.
+
+    metadata_csv defaults to params `data.metadata`; `data.split_assignments`, when set, is
+    checked for leakage and used instead of a computed split.
+    """
     paths = params.paths
     report: dict = {}
+    metadata_csv = metadata_csv or params.data.metadata
     if metadata_csv is None:
         from tasks.ingest import packaged_metadata_path
 
@@ -58,5 +63,6 @@ def data_pipeline_flow(params: Params, metadata_csv: Path | None = None) -> dict
         ratios=params.split.ratios(),
         tolerance=params.split.tolerance,
         seed=params.seed,
+        assignments=params.data.split_assignments,
     )
     return report

@@ -55,3 +55,44 @@ def test_bad_params_are_refused_before_work(tmp_path):
     result = run_cxr("--params", str(params), "split")
     assert result.returncode == 2
     assert "split.bogus" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pipeline_on_real_files_refuses_a_leaking_split_assignment(tmp_path, prefect_server):
+    """params `data:` points `cxr pipeline` at the NIH sample with its own (leaking) split:
+    ingest runs, the split gate refuses it with the patients counted, and nothing downstream
+    (caches, weights) is made. Data outside paths.roots is refused before any work."""
+    import yaml
+
+    data = {"metadata": str(NIH_SAMPLE / "Data_Entry_sample.csv"), "images_dir": str(NIH_SAMPLE / "images"),
+            "split_assignments": str(NIH_SAMPLE / "original_split.csv")}
+    paths = {k: str(tmp_path / k) for k in ("raw", "interim", "processed", "cache", "models", "metrics", "reports", "incoming")}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": data, "paths": {**paths, "roots": [str(tmp_path), str(NIH_SAMPLE)]}}))
+    result = run_cxr("--params", str(params), "pipeline")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "21" in result.stderr and "leak" in result.stderr.lower()
+    assert (tmp_path / "interim" / "metadata.parquet").exists()  # ingest of the real CSV ran
+    assert not (tmp_path / "processed" / "splits.parquet").exists()
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "models").exists()
+
+    params.write_text(yaml.safe_dump({"data": data, "paths": {**paths, "roots": [str(tmp_path)]}}))
+    result = run_cxr("--params", str(params), "pipeline")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    # data.images_dir becomes paths.images, so the first file named is the images folder.
+    assert "paths.images" in result.stderr and "outside the data roots" in result.stderr
+
+
+def test_data_keys_are_confined_and_consistent(tmp_path):
+    import pydantic
+
+    from cxr.config import Params
+
+    ok = Params.model_validate({"data": {"metadata": str(tmp_path / "a.csv"), "images_dir": str(tmp_path / "img")},
+                                "paths": {"roots": [str(tmp_path), "data"]}})
+    assert ok.paths.images == tmp_path / "img"  # images_dir is where every step reads images
+    with pytest.raises(pydantic.ValidationError, match="data.metadata resolves to .* outside the data roots"):
+        Params.model_validate({"data": {"metadata": str(tmp_path / "a.csv")}})
+    with pytest.raises(pydantic.ValidationError, match="data.split_assignments resolves to"):
+        Params.model_validate({"data": {"split_assignments": str(tmp_path / "s.csv")}})
+    with pytest.raises(pydantic.ValidationError, match="disagree"):
+        Params.model_validate({"data": {"images_dir": "data/a"}, "paths": {"images": "data/b"}})

@@ -46,7 +46,9 @@ def _api(coro_fn):
 def scoring_run(trained, tmp_path_factory, prefect_server, sample_csv):
     root = tmp_path_factory.mktemp("ui")
     models = root / "models"
-    shutil.copytree(trained.paths.models, models, ignore=shutil.ignore_patterns("checkpoints"))
+    # With the finished stages' checkpoints, `cxr pipeline` resumes each stage as done (same
+    # params and inputs) and goes on to evaluation: the whole DAG in one flow run, in seconds.
+    shutil.copytree(trained.paths.models, models)
     params_file = _params_file(trained, root / "params.yaml", models=models)
     from tasks.registry import register
     from cxr.config import load_params
@@ -57,6 +59,27 @@ def scoring_run(trained, tmp_path_factory, prefect_server, sample_csv):
     scored = run_cxr("--params", str(params_file), "score", "--input", str(STUDIES), "--out", str(root / "scores"))
     assert scored.returncode == 0, scored.stderr[-3000:]
     return {"root": root, "params_file": params_file, "summary": json.loads(scored.stdout), "pipeline": json.loads(pipeline.stdout)}
+
+
+def test_cxr_pipeline_runs_the_whole_dag_on_the_nih_sample(scoring_run, trained):
+    """`cxr pipeline` on the real 800-image NIH sample: ingest, patient split, caches, the three
+    stages (resumed from their finished checkpoints) and evaluation, with the No Finding vs
+    any-finding AUROC beside the 14-class means."""
+    from tasks.weights import model_digest
+
+    summary = scoring_run["pipeline"]
+    assert summary["images"] == 800 and summary["patients"] == 211
+    assert sum(summary["split_images"].values()) == 800
+    assert summary["cache_images"]["rejected"] == 0
+    for stage in ("global", "local", "fusion"):
+        assert 0.0 <= summary[f"train_{stage}"]["best_valid_mean_auroc"] <= 1.0
+    ev = summary["evaluate"]
+    assert ev["test_images"] == summary["split_images"]["test"]
+    for branch in ("global", "local", "fusion"):
+        assert 0.0 <= ev[f"{branch}_mean_auroc"] <= 1.0 and 0.0 <= ev[f"{branch}_any_finding_auroc"] <= 1.0
+    assert "No Finding vs any finding" in Path(ev["report"]).read_text()
+    # Resumed, not retrained: the pipeline's weights are the trained ones.
+    assert model_digest(scoring_run["root"] / "models") == model_digest(trained.paths.models)
 
 
 def test_flow_runs_task_runs_and_artifacts_through_the_api(scoring_run):
@@ -75,8 +98,8 @@ def test_flow_runs_task_runs_and_artifacts_through_the_api(scoring_run):
     run, flows, runs, tasks, artifacts = _api(read)
     assert run.state.is_completed()
     names = {flows[r.flow_id] for r in runs if r.state and r.state.is_completed()}
-    assert {"data-pipeline", "score"} <= names
-    assert {"score-studies", "score-report"} <= {t.name.rsplit("-", 1)[0] for t in tasks}
+    assert {"pipeline", "data-pipeline", "cache-images", "train", "evaluate", "score"} <= names
+    assert {"plan-scoring", "score-shard", "finish-scoring", "score-report"} <= {t.name.rsplit("-", 1)[0] for t in tasks}
     mine = [a for a in artifacts if a.flow_run_id == run.id]
     assert {"cxr-score-table", "cxr-score-report"} <= {a.key for a in mine}
     table = next(a for a in mine if a.key == "cxr-score-table")

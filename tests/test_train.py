@@ -41,6 +41,25 @@ def test_three_stages_then_evaluate(trained):
     roc = json.loads((params.paths.metrics / "roc_fusion.json").read_text())
     assert roc and set(roc[0]) == {"label", "fpr", "tpr"}
     assert "0.871" in (params.paths.reports / "evaluation.md").read_text()
+    # No Finding vs any finding: computable on the sample whatever classes its test split lacks.
+    anyf = fusion["any_finding"]
+    assert 0.0 <= anyf["ci95"][0] <= anyf["auroc"] <= anyf["ci95"][1] <= 1.0
+    assert 0 < anyf["images_with_findings"] < report["test_images"]
+    assert metrics["fusion_any_finding_auroc"] == anyf["auroc"]
+
+
+def test_any_finding_auroc_by_hand():
+    import numpy as np
+
+    from tasks.evaluate import any_finding_auroc
+
+    y = np.zeros((4, 14))
+    y[1, 3] = y[3, 0] = y[3, 9] = 1  # images 1 and 3 have findings
+    p = np.full((4, 14), 0.1)
+    p[0, 5], p[1, 2], p[2, 0], p[3, 13] = 0.2, 0.9, 0.95, 0.3  # max scores 0.2, 0.9, 0.95, 0.3
+    # Positives {0.9, 0.3} vs negatives {0.2, 0.95}: 2 of 4 pairs ordered right.
+    assert any_finding_auroc(y, p, bootstrap=0, seed=0)["auroc"] == 0.5
+    assert isinstance(any_finding_auroc(np.zeros((3, 14)), p[:3], bootstrap=0, seed=0), str)
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(workspace, tmp_path):
