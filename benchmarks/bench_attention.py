@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from cxr.atomic import atomic_write_json  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -58,7 +60,7 @@ def best_of(fn, repeats):
     return best
 
 
-def main(repeats: int = 7) -> dict:
+def main(repeats: int = 15) -> dict:
     features, images = make_inputs()
     features_np = features.numpy()
 
@@ -139,8 +141,7 @@ def main(repeats: int = 7) -> dict:
 if __name__ == "__main__":
     res = main()
     out = ROOT / "benchmarks" / "results" / "attention.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    atomic_write_json(out, res)
     print(json.dumps(res, indent=2))
     print(f"boxes: {res['boxes_only_speedup']:.1f}x the per-image numpy + skimage reference; boxes + crops: "
           f"{res['speedup_vs_skimage_crops']:.1f}x with skimage crops, {res['speedup_vs_torch_crops']:.1f}x with "

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from cxr.atomic import atomic_write_json  # noqa: E402
+
 import torch  # noqa: E402
 
 from models.branch import build_branch  # noqa: E402
@@ -113,8 +115,7 @@ def main() -> None:
     result.update({"ratio": result["local"]["ratio"], "target_ratio": 3,
                    "python": platform.python_version(), "torch": torch.__version__})
     out = ROOT / "benchmarks" / "results" / "crop_cache.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out, result)
     print(json.dumps(result, indent=2))
     print(f"stage II epoch: {result['local']['ratio']}x faster with the crop cache; "
           f"stage III: {result['fusion']['ratio']}x (target >= 3x for stage II); the most the cache can give "

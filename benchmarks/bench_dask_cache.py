@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from cxr.atomic import atomic_write_json  # noqa: E402
+
 import numpy as np  # noqa: E402
 
 N, DISTINCT, SOURCE, SIZE, SHARD, ROUNDS = 800, 16, 1024, 224, 100, 3  # 8 chunks of 100
@@ -73,8 +75,7 @@ def main() -> None:
     result["load_average_1m"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
     result["render_s"] = round(render_s, 1)
     out = ROOT / "benchmarks" / "results" / "dask_cache.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out, result)
     print(json.dumps(result, indent=2))
     print(f"image cache build: {result['ratio']}x the images per second with 2 Dask workers as with 1 "
           f"({result['workers_2_images_per_s']} vs {result['workers_1_images_per_s']}); "
@@ -96,7 +97,7 @@ def _measure(tmp: Path, ids: list[str]) -> dict:
             "dask": {"enabled": True, "address": address},
         })
 
-    from benchmarks.dask_harness import alternating_rounds, local_clusters
+    from benchmarks.dask_harness import alternating_rounds, local_clusters, throughput
 
     with local_clusters("import prefect.task_engine, tasks.prefect_tasks, tasks.image_cache, tasks.images") as (
             clusters, clients):
@@ -109,17 +110,15 @@ def _measure(tmp: Path, ids: list[str]) -> dict:
             return pq.read_table(cache / "images" / "index.parquet")
 
         rounds = alternating_rounds(clients, ROUNDS, build)
-    wall, phase = rounds["wall"], rounds["phase"]
     assert rounds["results"][1][-1].equals(rounds["results"][2][-1]), "1 and 2 workers published different indexes"
-    ips = {n: N / min(w) for n, w in wall.items()}
-    chunk_ips = {n: N / min(p) for n, p in phase.items()}
+    measured = throughput(rounds, N)
     return {
         "benchmark": "dask_cache", "images": N, "source": f"{SOURCE}x{SOURCE} 8-bit PNG", "cache_size": SIZE,
-        "chunks": -(-N // SHARD), "threads_per_worker": 1, "rounds": ROUNDS, "cores": os.cpu_count(),
-        "workers_1_images_per_s": round(ips[1], 1), "workers_2_images_per_s": round(ips[2], 1),
-        "ratio": round(ips[2] / ips[1], 2), "target_ratio": 2.0,
-        "workers_1_wall_s": [round(w, 2) for w in wall[1]], "workers_2_wall_s": [round(w, 2) for w in wall[2]],
-        "chunk_phase_ratio": round(chunk_ips[2] / chunk_ips[1], 2),
+        "chunks": -(-N // SHARD), "rounds": measured["rounds"], "threads_per_worker": 1, "cores": measured["cores"],
+        "workers_1_images_per_s": measured["workers_1_per_s"], "workers_2_images_per_s": measured["workers_2_per_s"],
+        "ratio": measured["ratio"], "target_ratio": measured["target_ratio"],
+        "workers_1_wall_s": measured["workers_1_wall_s"], "workers_2_wall_s": measured["workers_2_wall_s"],
+        "chunk_phase_ratio": measured["phase_ratio"],
         "note": "wall = the whole flow run (plan hashes the sources and publish joins the index in the flow "
                 "process, serially); chunk phase = first chunk start to last chunk end on the workers",
         "python": platform.python_version(), "machine": platform.machine(),

@@ -65,7 +65,7 @@ def _params(tmp: Path, address: str):
 def _measure(tmp: Path) -> dict:
     import pandas as pd
 
-    from benchmarks.dask_harness import alternating_rounds, local_clusters
+    from benchmarks.dask_harness import alternating_rounds, local_clusters, throughput
     from flows.score import score
 
     with local_clusters("import prefect.task_engine, tasks.prefect_tasks, tasks.score") as (clusters, clients):
@@ -80,18 +80,16 @@ def _measure(tmp: Path) -> dict:
             return rows.drop(columns=["scored_at", "run_id"])
 
         rounds = alternating_rounds(clients, ROUNDS, run)
-    wall, phase = rounds["wall"], rounds["phase"]
     a, b = rounds["results"][1][-1], rounds["results"][2][-1]
     pd.testing.assert_frame_equal(a, b)  # same rows, bit for bit, with 1 or 2 workers
-    sps = {n: N / min(w) for n, w in wall.items()}
-    shard_sps = {n: N / min(p) for n, p in phase.items()}
+    measured = throughput(rounds, N)
     return {
         "benchmark": "dask_score", "studies": N, "study_px": SIDE, "network_input_px": SIZE, "backbone": "resnet18",
-        "shards": -(-N // BATCH), "threads_per_worker": 1, "rounds": ROUNDS, "cores": os.cpu_count(),
-        "workers_1_studies_per_s": round(sps[1], 2), "workers_2_studies_per_s": round(sps[2], 2),
-        "ratio": round(sps[2] / sps[1], 2), "target_ratio": 2.0,
-        "workers_1_wall_s": [round(w, 2) for w in wall[1]], "workers_2_wall_s": [round(w, 2) for w in wall[2]],
-        "shard_phase_ratio": round(shard_sps[2] / shard_sps[1], 2),
+        "shards": -(-N // BATCH), "rounds": measured["rounds"], "threads_per_worker": 1, "cores": measured["cores"],
+        "workers_1_studies_per_s": measured["workers_1_per_s"], "workers_2_studies_per_s": measured["workers_2_per_s"],
+        "ratio": measured["ratio"], "target_ratio": measured["target_ratio"],
+        "workers_1_wall_s": measured["workers_1_wall_s"], "workers_2_wall_s": measured["workers_2_wall_s"],
+        "shard_phase_ratio": measured["phase_ratio"],
         "note": "wall = the whole flow run (plan hashes the studies, finish folds the parts and the report is "
                 "written in the flow process, serially); shard phase = first shard start to last shard end",
         "python": platform.python_version(), "machine": platform.machine(),

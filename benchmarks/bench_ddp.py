@@ -19,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cxr.atomic import atomic_write_json  # noqa: E402
+
 
 def main() -> None:
     import torch
@@ -56,7 +58,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                     "loadavg_1min": os.getloadavg()[0]},
     }
-    (ROOT / "benchmarks/results/ddp.json").write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_json(ROOT / "benchmarks/results/ddp.json", out)
     print(json.dumps(out, indent=2))
     print(f"DDP 2 processes vs 1: {out['ratio_2_over_1']}x samples/s")
 

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from cxr.atomic import atomic_write_json  # noqa: E402
+
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -74,8 +76,7 @@ def main() -> None:
         "python": platform.python_version(), "machine": platform.machine(),
     }
     out = ROOT / "benchmarks" / "results" / "image_cache.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out, result)
     print(json.dumps(result, indent=2))
     print(f"image cache: {result['ratio']}x more images per second than decoding the PNGs (target >= 20x)")
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from cxr.atomic import atomic_write_json  # noqa: E402
 BUDGET_S = 30.0
 
 
@@ -56,7 +58,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_1min": os.getloadavg()[0]},
     }
     out = ROOT / "benchmarks/results/ingest_split.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out, result)
     print(json.dumps(result, indent=2))
     print(f"ingest + split: {total:.1f} s against a {BUDGET_S:.0f} s budget ({BUDGET_S / total:.2f}x headroom)")
 

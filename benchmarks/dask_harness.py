@@ -77,3 +77,18 @@ def alternating_rounds(clients: dict, rounds: int, run) -> dict:
             assert len(workers) == n, f"{n} workers asked, {len(workers)} used"
             out["results"][n].append(value)
     return out
+
+
+def throughput(rounds: dict, items: int) -> dict:
+    """The fields both Dask benchmarks report from `alternating_rounds`: items per second of the
+    best round with 1 and 2 workers, their ratio for the whole run and for the task phase."""
+    wall, phase = rounds["wall"], rounds["phase"]
+    rate = {n: items / min(w) for n, w in wall.items()}
+    phase_rate = {n: items / min(p) for n, p in phase.items()}
+    return {
+        "threads_per_worker": 1, "rounds": len(wall[1]), "cores": os.cpu_count(),
+        "workers_1_per_s": round(rate[1], 2), "workers_2_per_s": round(rate[2], 2),
+        "ratio": round(rate[2] / rate[1], 2), "target_ratio": 2.0,
+        "workers_1_wall_s": [round(w, 2) for w in wall[1]], "workers_2_wall_s": [round(w, 2) for w in wall[2]],
+        "phase_ratio": round(phase_rate[2] / phase_rate[1], 2),
+    }

@@ -392,6 +392,14 @@ def _part_path(out_dir: Path, run_id: str, index: int) -> Path:
     return Path(out_dir) / "parts" / f"part-{run_id}-{index:06d}.parquet"
 
 
+def _run_counts(plan: ScorePlan, results: list[dict]) -> dict:
+    """The summary of the shards scored so far: the plan's counts plus theirs."""
+    scored = sum(r["scored"] for r in results)
+    rejected = sum(r["rejected"] for r in results)
+    return {**plan.summary, "new_studies": scored + rejected, "scored": scored, "rejected": rejected,
+            "batches": len(results)}
+
+
 def finish_scoring(plan: ScorePlan, results: list[dict]) -> dict:
     """Fold the run's parts into scores.parquet behind the scores gate; return the run's summary.
 
@@ -399,11 +407,9 @@ def finish_scoring(plan: ScorePlan, results: list[dict]) -> dict:
     says so: the previous scores.parquet stays published.
     """
     out_dir, run_id = plan.context.out_dir, plan.context.run_id
-    scored = sum(r["scored"] for r in results)
-    rejected = sum(r["rejected"] for r in results)
-    summary = {**plan.summary, "new_studies": scored + rejected, "scored": scored, "rejected": rejected,
-               "batches": len(results),
-               "message": f"{scored + rejected} new studies; {plan.summary['already_scored']} already scored by this model"}
+    summary = _run_counts(plan, results)
+    new = summary["new_studies"]
+    summary["message"] = f"{new} new studies; {plan.summary['already_scored']} already scored by this model"
     try:
         consolidate(out_dir, gate=lambda df: validate_scores(df.assign(key=_row_keys(df)), out_dir / "validation",
                                                               source=str(out_dir / "scores.parquet")))
@@ -413,7 +419,7 @@ def finish_scoring(plan: ScorePlan, results: list[dict]) -> dict:
         for path in [*(out_dir / "parts").glob(f"part-{run_id}-*.parquet"), *written]:
             path.unlink(missing_ok=True)
         error = DataError(f"the scores failed validation, so nothing was published (the previous scores.parquet and "
-                          f"report.html are kept; this run's {scored + rejected} rows were discarded and will be scored "
+                          f"report.html are kept; this run's {new} rows were discarded and will be scored "
                           f"again next run): {_reason(exc)}", where=exc.where)
         error.summary = getattr(exc, "summary", None)  # what the gate checked, for callers that record it
         raise error from None
@@ -436,10 +442,8 @@ def score_studies(params: Params, input_dir: Path, out_dir: Path, *, models_dir:
     for index, studies in enumerate(plan.shards):
         results.append(score_shard(plan.context, index, studies, workers))
         if stop_after_batches is not None and len(results) >= stop_after_batches and len(results) < len(plan.shards):
-            done = sum(r["scored"] + r["rejected"] for r in results)
-            return {**plan.summary, "new_studies": done, "scored": sum(r["scored"] for r in results),
-                    "rejected": sum(r["rejected"] for r in results), "batches": len(results),
-                    "stopped_after_batches": len(results), "message": f"stopped after {len(results)} batches"}
+            return {**_run_counts(plan, results), "stopped_after_batches": len(results),
+                    "message": f"stopped after {len(results)} batches"}
     return finish_scoring(plan, results)
 
 

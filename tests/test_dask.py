@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -24,34 +25,46 @@ from tests.test_cache import small  # noqa: F401  (the trained 240-image crop-ca
 
 SIZE, SHARD = 64, 100  # 800 sample images: 8 chunks
 
-# Run on the workers (exec'd there): each chunk lingers after writing its files, so a
-# SIGKILL lands while chunks are in flight. A restarted worker process runs at full speed.
-_SLOW_CHUNKS = """
+# Run on the workers (exec'd there): each call of `module.name` lingers after writing its
+# files, so a SIGKILL lands while tasks are in flight. A restarted worker runs at full speed.
+_SLOW = """
 import time
-import tasks.image_cache as ic
-if not getattr(ic.build_image_chunk, "slowed", False):
-    real = ic.build_image_chunk
-    def slow(plan, i):
-        out = real(plan, i)
-        time.sleep(0.6)
-        return out
-    slow.slowed = True
-    ic.build_image_chunk = slow
-"""
-
-
-_SLOW_SHARDS = """
-import time
-import tasks.score as sc
-if not getattr(sc.score_shard, "slowed", False):
-    real = sc.score_shard
+import {module} as m
+if not getattr(m.{name}, "slowed", False):
+    real = m.{name}
     def slow(*args, **kwargs):
         out = real(*args, **kwargs)
         time.sleep(0.6)
         return out
     slow.slowed = True
-    sc.score_shard = slow
+    m.{name} = slow
 """
+
+
+@contextmanager
+def killing_a_busy_worker(client, written, timeout: float):
+    """Slow tasks must already be in place. Once `written()` is non-empty (a first chunk or
+    part is on disk), SIGKILL a worker that has a task in flight; yields the list of
+    (worker, its tasks) killed, filled when the block ends."""
+    pids = client.run(os.getpid)
+    killed: list[tuple[str, list]] = []
+
+    def kill():
+        deadline = time.time() + timeout
+        while not written() and time.time() < deadline:
+            time.sleep(0.02)
+        # A worker with a task in flight: its task must be rescheduled, not lost.
+        busy = {addr: keys for addr, keys in client.processing().items() if keys}
+        addr = sorted(busy or pids)[0]
+        os.kill(pids[addr], signal.SIGKILL)
+        killed.append((addr, busy.get(addr, [])))
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    try:
+        yield killed
+    finally:
+        killer.join()
 
 
 @pytest.fixture(scope="module")
@@ -124,29 +137,12 @@ def test_a_worker_killed_mid_build_loses_and_duplicates_nothing(workspace, strai
     from flows.cache import cache_images
 
     lc, client = cluster
-    client.run(exec, _SLOW_CHUNKS, {})  # its own globals: the patch's closure needs them
-    pids = client.run(os.getpid)
+    client.run(exec, _SLOW.format(module="tasks.image_cache", name="build_image_chunk"), {})  # its own globals
     params = _params(workspace, tmp_path, cluster)
     key = cache_store.published_meta(straight)["key"]
     vdir = cache_store.version_dir(tmp_path / "cache" / "images", key)
-    killed: list[tuple[str, list]] = []
-
-    def kill_one_worker_after_the_first_chunk():
-        deadline = time.time() + 60
-        while not list(vdir.glob("chunk-*.parquet")) and time.time() < deadline:
-            time.sleep(0.02)
-        # A worker with a chunk in flight: its task must be rescheduled, not lost.
-        busy = {addr: keys for addr, keys in client.processing().items() if keys}
-        addr = sorted(busy or pids)[0]
-        os.kill(pids[addr], signal.SIGKILL)
-        killed.append((addr, busy.get(addr, [])))
-
-    killer = threading.Thread(target=kill_one_worker_after_the_first_chunk)
-    killer.start()
-    try:
+    with killing_a_busy_worker(client, lambda: list(vdir.glob("chunk-*.parquet")), timeout=60) as killed:
         summary = cache_images(params)
-    finally:
-        killer.join()
     assert killed and killed[0][1], "no worker was killed with a chunk in flight"
     # The flow finished on its first run: Dask rescheduled the dead worker's chunk.
     assert not summary["up_to_date"] and summary["items"] == pq.read_metadata(straight / "index.parquet").num_rows
@@ -262,26 +258,10 @@ def test_a_worker_killed_mid_scoring_loses_and_duplicates_nothing(scoring, clust
 
     params, inputs, reference = scoring
     lc, client = cluster
-    client.run(exec, _SLOW_SHARDS, {})
-    pids = client.run(os.getpid)
+    client.run(exec, _SLOW.format(module="tasks.score", name="score_shard"), {})
     out = tmp_path / "out"
-    killed: list[tuple[str, list]] = []
-
-    def kill_one_worker_after_the_first_part():
-        deadline = time.time() + 90
-        while not list((out / "parts").glob("part-*.parquet")) and time.time() < deadline:
-            time.sleep(0.02)
-        busy = {addr: keys for addr, keys in client.processing().items() if keys}
-        addr = sorted(busy or pids)[0]
-        os.kill(pids[addr], signal.SIGKILL)
-        killed.append((addr, busy.get(addr, [])))
-
-    killer = threading.Thread(target=kill_one_worker_after_the_first_part)
-    killer.start()
-    try:
+    with killing_a_busy_worker(client, lambda: list((out / "parts").glob("part-*.parquet")), timeout=90) as killed:
         summary = score(_score_params(params, tmp_path, cluster), inputs, out)
-    finally:
-        killer.join()
     assert killed and killed[0][1], "no worker was killed with a shard in flight"
     assert summary["scored"] == 39 and summary["rejected"] == 1 and summary["batches"] == 10
     _assert_same_scores(out, reference)
