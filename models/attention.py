@@ -80,19 +80,14 @@ def _normalized_heatmap(features: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def _mask_transitions_interpolate(norm: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
-    """`_mask_transitions` through F.interpolate on every pixel (devices where the row path is not exact)."""
+    """`_mask_transitions` through F.interpolate on every pixel (shapes where the row path is not exact)."""
     batch = norm.shape[0]
     height, width = size
-    step = _chunk(batch, height * width * 4)
-    padded = torch.zeros((step * height, width + 2), dtype=torch.bool, device=norm.device)
+    step = _chunk(batch, height * width * 4)  # a few images at a time: the float maps never exist whole
     found = []
     for i in range(0, batch, step):
-        k = min(step, batch - i)
-        up = F.interpolate(norm[i : i + k, None], size=size, mode="bilinear", align_corners=False)
-        pad = padded[: k * height]
-        torch.gt(up.view(k * height, width), threshold, out=pad[:, 1:-1])
-        change = pad[:, 1:] != pad[:, :-1]
-        found.append(torch.nonzero(change.view(-1)).view(-1) + i * height * (width + 1))
+        up = F.interpolate(norm[i : i + step, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        found.append(_mask_to_transitions(up > threshold) + i * height * (width + 1))
     return torch.cat(found)
 
 
