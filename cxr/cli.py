@@ -134,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = _run(args)
     except DataError as exc:
-        message = textwrap.fill(str(exc), width=100, break_long_words=False, break_on_hyphens=False)
+        message = str(exc)
+        # Wrap for a person at a terminal only: piped into a log, the error stays one line, so
+        # grep finds it whole and its wording does not depend on how long the paths are.
+        if sys.stderr.isatty():
+            message = textwrap.fill(message, width=100, break_long_words=False, break_on_hyphens=False)
         print(f"cxr {args.command}: error: {message}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
