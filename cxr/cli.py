@@ -125,7 +125,11 @@ def _run(args: argparse.Namespace) -> dict:
     if args.command == "pipeline":
         from flows.pipeline import pipeline_flow
 
-        return pipeline_flow(params, args.metadata)
+        if args.metadata:
+            # The flag is params `data.metadata` given on the command line: evaluation then knows
+            # the images are real (NIH's lesion boxes apply to them).
+            params = params.model_copy(update={"data": params.data.model_copy(update={"metadata": args.metadata.resolve()})})
+        return pipeline_flow(params)
     raise AssertionError(args.command)
 
 

@@ -17,13 +17,13 @@ from cxr.config import Params
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline_flow(params: Params, metadata_csv: Path | None = None) -> dict:
+def pipeline_flow(params: Params) -> dict:
     """Run everything from ingest to evaluation; return a short summary of each step."""
     from flows.cache import cache_crops, cache_images
     from flows.data import data_pipeline_flow
     from flows.train import evaluate_flow, train_flow
 
-    data = data_pipeline_flow(params, metadata_csv)
+    data = data_pipeline_flow(params)
     summary: dict = {"images": data["ingest"]["images"], "patients": data["ingest"]["patients"],
                      "split_images": data["split"]["images"]}
     summary["cache_images"] = {k: cache_images(params)[k] for k in ("items", "rejected")}

@@ -22,8 +22,8 @@ def train_flow(params: Params, stage: str, nproc: int = 1) -> dict:
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(params: Params) -> dict:
-    # NIH's radiologist boxes ship with torchxrayvision; they count only where the real
-    # images are in paths.images (evaluate skips boxes of images it does not have).
+    # NIH's radiologist boxes ship with torchxrayvision; they count only for real NIH images
+    # in paths.images (params data.metadata set, or 1024-px files) that are in the test split.
     nih_boxes = packaged_metadata_path().parent / "BBox_List_2017.csv.gz"
     return evaluate_task(params, truth_boxes=[Path(params.paths.raw) / "boxes.csv", nih_boxes])
 

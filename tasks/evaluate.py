@@ -84,6 +84,23 @@ def localization(boxes_px: np.ndarray, ids: list[str], truth: pd.DataFrame, scal
     }
 
 
+def true_box_scales(truth: pd.DataFrame, ids: list[str], images: Path, size: int, *, nih: bool, real: bool) -> dict[str, float]:
+    """Per image, the factor from true-box pixels to those of the image resized to `size`;
+    images the boxes do not apply to are left out.
+
+    Synthetic boxes are in the pixels of the file they were drawn on: each file's side is read
+    from its header. NIH's boxes are in the pixels of NIH's 1024-px release, whatever size the
+    copy here has (the 64-px sample is a plain downscale). They count only for real NIH images,
+    declared by params `data.metadata` (`real`) or recognisable as 1024-px files: synthetic demo
+    images reuse NIH file names but not NIH anatomy.
+    """
+    boxed = set(truth["image_id"])
+    sides = {i: image_side(images / i) for i in ids if i in boxed}
+    if nih:
+        return {i: size / 1024 for i, side in sides.items() if side and (real or side == 1024)}
+    return {i: size / side for i, side in sides.items() if side}
+
+
 def any_finding_auroc(y: np.ndarray, p: np.ndarray, bootstrap: int, seed: int) -> dict | str:
     """"No Finding" versus any finding: AUROC of the largest of the 14 probabilities for
     "at least one pathology", with its bootstrap interval. Robust where the 14 per-class
@@ -140,14 +157,10 @@ def evaluate(params: Params, *, truth_boxes: list[Path] | None = None) -> dict:
         if not Path(box_file).exists():
             continue
         truth = read_true_boxes(Path(box_file))
-        # Box pixels are those of the image file they were drawn on: read each file's size from
-        # its header. NIH's boxes count only for the real 1024-px NIH images: synthetic demo
-        # images reuse NIH file names but not NIH anatomy.
-        nih = "BBox" in Path(box_file).name
-        native = {i: image_side(Path(paths.images) / i) for i in test.ids if i in set(truth["image_id"])}
-        native = {i: side for i, side in native.items() if side and (side == 1024 or not nih)}
+        scale = true_box_scales(truth, test.ids, Path(paths.images), size, nih="BBox" in Path(box_file).name,
+                                real=params.data.metadata is not None)
         report["localization"][Path(box_file).name] = localization(
-            boxes_px, test.ids, truth[truth["image_id"].isin(native)], {i: size / side for i, side in native.items()})
+            boxes_px, test.ids, truth[truth["image_id"].isin(scale)], scale)
     report["published"] = [{"method": m, "mean_auroc": v, "note": "published on the official ChestX-ray14 split; other data and hardware"} for m, v in PUBLISHED]
 
     metrics = Path(paths.metrics)

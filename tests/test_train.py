@@ -62,6 +62,39 @@ def test_any_finding_auroc_by_hand():
     assert isinstance(any_finding_auroc(np.zeros((3, 14)), p[:3], bootstrap=0, seed=0), str)
 
 
+def test_nih_boxes_scale_from_1024_px_and_apply_only_to_real_images(tmp_path):
+    """NIH's lesion boxes are in the pixels of its 1024-px release: on the real 64-px sample they
+    scale by 64/1024 to the sample's pixels; on synthetic images with NIH names they do not
+    apply; synthetic boxes scale by the side of the file they were drawn on."""
+    import numpy as np
+    from PIL import Image
+
+    from tasks.evaluate import localization, read_true_boxes, true_box_scales
+    from tasks.ingest import packaged_metadata_path
+    from tests.conftest import NIH_SAMPLE
+
+    nih = read_true_boxes(packaged_metadata_path().parent / "BBox_List_2017.csv.gz")
+    images = NIH_SAMPLE / "images"
+    boxed = sorted(set(nih["image_id"]) & {p.name for p in images.iterdir()})
+    assert len(boxed) == 7  # of the 800 sample images, 7 carry a radiologist box
+    ids = boxed + ["00000001_000.png"]
+    scale = true_box_scales(nih, ids, images, 224, nih=True, real=True)
+    assert scale == {i: 224 / 1024 for i in boxed}
+    assert true_box_scales(nih, ids, images, 224, nih=True, real=False) == {}  # 64-px files, not declared real
+
+    # A box equal to the true one, in the resized image's pixels, has IoU 1.
+    row = nih[nih["image_id"] == boxed[0]].iloc[0]
+    s = 64 / 1024
+    exact = np.array([[row.y * s, row.x * s, (row.y + row.h) * s - 1, (row.x + row.w) * s - 1]])
+    one = localization(exact, [boxed[0]], nih[nih["image_id"] == boxed[0]], {boxed[0]: s})
+    assert one["images"] == 1 and one["mean_iou"] == 1.0
+
+    # Synthetic boxes: the file's own side (a 128-px file seen at 64 px halves them).
+    Image.fromarray(np.zeros((128, 128), np.uint8)).save(tmp_path / "a.png")
+    synth = nih.iloc[:1].assign(image_id="a.png")
+    assert true_box_scales(synth, ["a.png"], tmp_path, 64, nih=False, real=False) == {"a.png": 0.5}
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(workspace, tmp_path):
     base = make_params(workspace, epochs=2)
     straight = base.model_copy(update={"paths": base.paths.model_copy(update={"models": tmp_path / "a", "metrics": tmp_path / "ma"})})
