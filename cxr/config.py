@@ -36,17 +36,20 @@ class Paths(_Strict):
 
     @model_validator(mode="after")
     def _confined(self):
-        roots = [r.resolve() for r in self.roots]
         for name in type(self).model_fields:
-            if name == "roots":
-                continue
-            path = getattr(self, name).resolve()
-            if not any(path == r or r in path.parents for r in roots):
-                raise ValueError(
-                    f"paths.{name} resolves to {path}, outside the data roots ({', '.join(map(str, roots))}); "
-                    "add its folder to paths.roots if it is meant to be used"
-                )
+            if name != "roots":
+                self.confine(f"paths.{name}", getattr(self, name))
         return self
+
+    def confine(self, key: str, path: Path) -> None:
+        """Refuse `path` (params key `key`) unless it resolves inside one of the roots."""
+        roots = [r.resolve() for r in self.roots]
+        path = path.resolve()
+        if not any(path == r or r in path.parents for r in roots):
+            raise ValueError(
+                f"{key} resolves to {path}, outside the data roots ({', '.join(map(str, roots))}); "
+                "add its folder to paths.roots if it is meant to be used"
+            )
 
 
 class SynthParams(_Strict):
@@ -237,12 +240,10 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _data_files_confined(self):
-        roots = [r.resolve() for r in self.paths.roots]
         for name in ("metadata", "split_assignments"):
             value = getattr(self.data, name)
-            if value is not None and not any(value.resolve() == r or r in value.resolve().parents for r in roots):
-                raise ValueError(f"data.{name} resolves to {value.resolve()}, outside the data roots "
-                                 f"({', '.join(map(str, roots))}); add its folder to paths.roots if it is meant to be used")
+            if value is not None:
+                self.paths.confine(f"data.{name}", value)
         return self
 
 
