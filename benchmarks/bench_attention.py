@@ -10,7 +10,6 @@ per crop (the numpy + skimage way); boxes + crops with torch's native F.interpol
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -21,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cxr.atomic import atomic_write_json  # noqa: E402
+from benchmarks.harness import publish  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -140,9 +139,7 @@ def main(repeats: int = 15) -> dict:
 
 if __name__ == "__main__":
     res = main()
-    out = ROOT / "benchmarks" / "results" / "attention.json"
-    atomic_write_json(out, res)
-    print(json.dumps(res, indent=2))
+    publish("attention", res)
     print(f"boxes: {res['boxes_only_speedup']:.1f}x the per-image numpy + skimage reference; boxes + crops: "
           f"{res['speedup_vs_skimage_crops']:.1f}x with skimage crops, {res['speedup_vs_torch_crops']:.1f}x with "
           f"torch's F.interpolate per crop (ours {res['ours_s'] * 1e3:.1f} ms)")

@@ -10,7 +10,6 @@ is train_stage's own per-epoch record (training loop + validation); runs alterna
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import sys
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cxr.atomic import atomic_write_json  # noqa: E402
+from benchmarks.harness import publish  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -114,9 +113,7 @@ def main() -> None:
     result["per_batch_of_32"] = step_seconds()
     result.update({"ratio": result["local"]["ratio"], "target_ratio": 3,
                    "python": platform.python_version(), "torch": torch.__version__})
-    out = ROOT / "benchmarks" / "results" / "crop_cache.json"
-    atomic_write_json(out, result)
-    print(json.dumps(result, indent=2))
+    publish("crop_cache", result)
     print(f"stage II epoch: {result['local']['ratio']}x faster with the crop cache; "
           f"stage III: {result['fusion']['ratio']}x (target >= 3x for stage II); the most the cache can give "
           f"stage II here is {result['per_batch_of_32']['ceiling_ratio']}x (global forward + local step over local step)")

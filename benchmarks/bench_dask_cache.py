@@ -11,7 +11,6 @@ must publish the same index as each other.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cxr.atomic import atomic_write_json  # noqa: E402
+from benchmarks.harness import prefect_server, publish  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -58,7 +57,6 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from benchmarks.dask_harness import prefect_server
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -74,9 +72,7 @@ def main() -> None:
     # Anything else running on the cores (load above the workers' own) shrinks the 2-worker gain.
     result["load_average_1m"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
     result["render_s"] = round(render_s, 1)
-    out = ROOT / "benchmarks" / "results" / "dask_cache.json"
-    atomic_write_json(out, result)
-    print(json.dumps(result, indent=2))
+    publish("dask_cache", result)
     print(f"image cache build: {result['ratio']}x the images per second with 2 Dask workers as with 1 "
           f"({result['workers_2_images_per_s']} vs {result['workers_1_images_per_s']}); "
           f"chunk phase alone {result['chunk_phase_ratio']}x")
@@ -111,14 +107,9 @@ def _measure(tmp: Path, ids: list[str]) -> dict:
 
         rounds = alternating_rounds(clients, ROUNDS, build)
     assert rounds["results"][1][-1].equals(rounds["results"][2][-1]), "1 and 2 workers published different indexes"
-    measured = throughput(rounds, N)
     return {
         "benchmark": "dask_cache", "images": N, "source": f"{SOURCE}x{SOURCE} 8-bit PNG", "cache_size": SIZE,
-        "chunks": -(-N // SHARD), "rounds": measured["rounds"], "threads_per_worker": 1, "cores": measured["cores"],
-        "workers_1_images_per_s": measured["workers_1_per_s"], "workers_2_images_per_s": measured["workers_2_per_s"],
-        "ratio": measured["ratio"], "target_ratio": measured["target_ratio"],
-        "workers_1_wall_s": measured["workers_1_wall_s"], "workers_2_wall_s": measured["workers_2_wall_s"],
-        "chunk_phase_ratio": measured["phase_ratio"],
+        "chunks": -(-N // SHARD), **throughput(rounds, N, "images", "chunk"),
         "note": "wall = the whole flow run (plan hashes the sources and publish joins the index in the flow "
                 "process, serially); chunk phase = first chunk start to last chunk end on the workers",
         "python": platform.python_version(), "machine": platform.machine(),

@@ -12,7 +12,6 @@ publish the same rows.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -29,8 +28,7 @@ N, SIDE, SIZE, BATCH, ROUNDS = 128, 512, 128, 16, 2  # 8 shards of 16
 
 def main() -> None:
     from benchmarks.bench_score import make_models, make_studies
-    from benchmarks.dask_harness import prefect_server
-    from cxr.atomic import atomic_write_json
+    from benchmarks.harness import prefect_server, publish
 
     with tempfile.TemporaryDirectory(prefix="bench-dask-score-") as tmp:
         tmp = Path(tmp)
@@ -44,8 +42,7 @@ def main() -> None:
             result = _measure(tmp)
     result["load_average_1m"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
     result["render_s"] = round(render_s, 1)
-    atomic_write_json(ROOT / "benchmarks" / "results" / "dask_score.json", result)
-    print(json.dumps(result, indent=2))
+    publish("dask_score", result)
     print(f"scoring: {result['ratio']}x the studies per second with 2 Dask workers as with 1 "
           f"({result['workers_2_studies_per_s']} vs {result['workers_1_studies_per_s']}); "
           f"shard phase alone {result['shard_phase_ratio']}x")
@@ -82,14 +79,9 @@ def _measure(tmp: Path) -> dict:
         rounds = alternating_rounds(clients, ROUNDS, run)
     a, b = rounds["results"][1][-1], rounds["results"][2][-1]
     pd.testing.assert_frame_equal(a, b)  # same rows, bit for bit, with 1 or 2 workers
-    measured = throughput(rounds, N)
     return {
         "benchmark": "dask_score", "studies": N, "study_px": SIDE, "network_input_px": SIZE, "backbone": "resnet18",
-        "shards": -(-N // BATCH), "rounds": measured["rounds"], "threads_per_worker": 1, "cores": measured["cores"],
-        "workers_1_studies_per_s": measured["workers_1_per_s"], "workers_2_studies_per_s": measured["workers_2_per_s"],
-        "ratio": measured["ratio"], "target_ratio": measured["target_ratio"],
-        "workers_1_wall_s": measured["workers_1_wall_s"], "workers_2_wall_s": measured["workers_2_wall_s"],
-        "shard_phase_ratio": measured["phase_ratio"],
+        "shards": -(-N // BATCH), **throughput(rounds, N, "studies", "shard"),
         "note": "wall = the whole flow run (plan hashes the studies, finish folds the parts and the report is "
                 "written in the flow process, serially); shard phase = first shard start to last shard end",
         "python": platform.python_version(), "machine": platform.machine(),

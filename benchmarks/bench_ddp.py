@@ -9,7 +9,6 @@ Run: .venv/bin/python benchmarks/bench_ddp.py
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxr.atomic import atomic_write_json  # noqa: E402
+from benchmarks.harness import publish  # noqa: E402
 
 
 def main() -> None:
@@ -58,8 +57,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                     "loadavg_1min": os.getloadavg()[0]},
     }
-    atomic_write_json(ROOT / "benchmarks/results/ddp.json", out)
-    print(json.dumps(out, indent=2))
+    publish("ddp", out)
     print(f"DDP 2 processes vs 1: {out['ratio_2_over_1']}x samples/s")
 
 

@@ -8,7 +8,6 @@ two are timed in alternating rounds so background load hits both alike.
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import tempfile
@@ -19,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cxr.atomic import atomic_write_json  # noqa: E402
+from benchmarks.harness import publish  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -75,9 +74,7 @@ def main() -> None:
         "ratio": round(cache_ips / source_ips, 1), "target_ratio": 20, "build_s": round(build_s, 2),
         "python": platform.python_version(), "machine": platform.machine(),
     }
-    out = ROOT / "benchmarks" / "results" / "image_cache.json"
-    atomic_write_json(out, result)
-    print(json.dumps(result, indent=2))
+    publish("image_cache", result)
     print(f"image cache: {result['ratio']}x more images per second than decoding the PNGs (target >= 20x)")
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxr.atomic import atomic_write_json  # noqa: E402
+from benchmarks.harness import prefect_server, publish  # noqa: E402
+
 BUDGET_S = 30.0
 
 
@@ -28,14 +29,11 @@ def main() -> None:
     bin_dir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        env = dict(os.environ, PREFECT_HOME=str(tmp / "prefect"), CXR_PREFECT_PORT="4377",
-                   PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
         t0 = time.perf_counter()
-        url = subprocess.run([str(ROOT / "scripts/prefect-server.sh"), "start"], env=env, check=True,
-                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        server_s = time.perf_counter() - t0
-        env["PREFECT_API_URL"] = url
-        try:
+        with prefect_server(tmp):
+            server_s = time.perf_counter() - t0
+            # After the server is up: its URL is in os.environ for the `cxr` subprocesses.
+            env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
             timings = {}
             for name, args in (
                 ("ingest", ["ingest", "--metadata", str(packaged_metadata_path()), "--out", str(tmp / "interim")]),
@@ -47,8 +45,6 @@ def main() -> None:
                 if done.returncode != 0:
                     raise SystemExit(f"cxr {name} failed:\n{done.stderr[-3000:]}")
             summary = json.loads(done.stdout)
-        finally:
-            subprocess.run([str(ROOT / "scripts/prefect-server.sh"), "stop"], env=env, check=False)
     total = timings["ingest"] + timings["split"]
     result = {
         "benchmark": "cxr ingest + cxr split, full NIH metadata (112,120 rows), running local Prefect server",
@@ -57,9 +53,7 @@ def main() -> None:
         "server_start_s": round(server_s, 2), "split_images": summary["images"],
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_1min": os.getloadavg()[0]},
     }
-    out = ROOT / "benchmarks/results/ingest_split.json"
-    atomic_write_json(out, result)
-    print(json.dumps(result, indent=2))
+    publish("ingest_split", result)
     print(f"ingest + split: {total:.1f} s against a {BUDGET_S:.0f} s budget ({BUDGET_S / total:.2f}x headroom)")
 
 

@@ -26,6 +26,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness import publish  # noqa: E402
 from cxr.atomic import atomic_write_json  # noqa: E402
 from cxr.config import Params  # noqa: E402
 from cxr.labels import PATHOLOGIES  # noqa: E402
@@ -137,8 +138,7 @@ def main() -> None:
         "peak_rss_mib": {str(n): round(m["peak_rss_mib"], 1) for n, m in memory.items()},
         "peak_rss_growth": round(growth, 4), "target_peak_rss_growth": 0.10,
     }
-    atomic_write_json(ROOT / "benchmarks" / "results" / "score.json", result)
-    print(json.dumps(result, indent=2))
+    publish("score", result)
 
 
 if __name__ == "__main__":

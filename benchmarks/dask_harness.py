@@ -1,36 +1,12 @@
-"""What the Dask benchmarks share: a private Prefect server, a 1-worker and a 2-worker local
-cluster, and alternating timed rounds on both (the best round of each counts)."""
+"""What the Dask benchmarks share: a 1-worker and a 2-worker local cluster, alternating timed
+rounds on both (the best round of each counts) and the throughput they report. The Prefect
+server is `benchmarks.harness.prefect_server`."""
 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import time
 from contextlib import contextmanager
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def prefect_server(tmp: Path):
-    """A Prefect server of the project's own script under `tmp`; flows and workers report to it."""
-    env = dict(os.environ, PREFECT_HOME=str(tmp / "prefect"), CXR_PREFECT_PORT=str(_free_port()))
-    url = subprocess.run([str(ROOT / "scripts/prefect-server.sh"), "start"], env=env, check=True,
-                         capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    # Set before Prefect is imported, here and in the Dask workers (spawned from this process).
-    os.environ.update(PREFECT_API_URL=url, PREFECT_HOME=env["PREFECT_HOME"], PREFECT_LOGGING_LEVEL="WARNING")
-    try:
-        yield url
-    finally:
-        subprocess.run([str(ROOT / "scripts/prefect-server.sh"), "stop"], env=env, check=False, capture_output=True)
 
 
 @contextmanager
@@ -79,16 +55,17 @@ def alternating_rounds(clients: dict, rounds: int, run) -> dict:
     return out
 
 
-def throughput(rounds: dict, items: int) -> dict:
-    """The fields both Dask benchmarks report from `alternating_rounds`: items per second of the
-    best round with 1 and 2 workers, their ratio for the whole run and for the task phase."""
+def throughput(rounds: dict, items: int, unit: str, task: str) -> dict:
+    """The fields both Dask benchmarks report from `alternating_rounds`: `unit` (images,
+    studies) per second of the best round with 1 and 2 workers, their ratio for the whole run,
+    and for the phase of the `task`s (chunk, shard) alone."""
     wall, phase = rounds["wall"], rounds["phase"]
     rate = {n: items / min(w) for n, w in wall.items()}
     phase_rate = {n: items / min(p) for n, p in phase.items()}
     return {
-        "threads_per_worker": 1, "rounds": len(wall[1]), "cores": os.cpu_count(),
-        "workers_1_per_s": round(rate[1], 2), "workers_2_per_s": round(rate[2], 2),
+        "rounds": len(wall[1]), "threads_per_worker": 1, "cores": os.cpu_count(),
+        f"workers_1_{unit}_per_s": round(rate[1], 2), f"workers_2_{unit}_per_s": round(rate[2], 2),
         "ratio": round(rate[2] / rate[1], 2), "target_ratio": 2.0,
         "workers_1_wall_s": [round(w, 2) for w in wall[1]], "workers_2_wall_s": [round(w, 2) for w in wall[2]],
-        "phase_ratio": round(phase_rate[2] / phase_rate[1], 2),
+        f"{task}_phase_ratio": round(phase_rate[2] / phase_rate[1], 2),
     }
