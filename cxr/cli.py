@@ -10,6 +10,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -35,6 +36,20 @@ class _QuietDataErrors(logging.Filter):
         return True
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class _OnlyFrom(logging.Filter):
+    """Keep Prefect's own records (run lines, engine messages) off a handler below `level`."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("prefect") or record.levelno >= self.level
+
+
 def _quiet_prefect_tracebacks() -> None:
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
         logger = logging.getLogger(name)
@@ -43,9 +58,36 @@ def _quiet_prefect_tracebacks() -> None:
         logger.addFilter(_QuietDataErrors())
 
 
+def _terminal_logging(verbose: bool, level: str | None) -> None:
+    """What of Prefect's logging reaches the terminal.
+
+    By default none of Prefect's run lines do: a failed task, its flow and the flow's final
+    state would each repeat a data error that the CLI prints once, as one paragraph. Prefect's
+    API handler is untouched, so runs against a server still show every line (and the failure
+    with its message) in the UI. `--verbose` shows them from INFO, `--log-level` from a level.
+    """
+    shown = logging.getLevelName(level) if level else (logging.INFO if verbose else logging.CRITICAL + 1)
+    if level or verbose:
+        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).setLevel(shown)
+    for handler in logging.getLogger().handlers:  # Prefect's console handler sits on the root logger
+        handler.addFilter(_OnlyFrom(shown))
+
+
+def _add_common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # The same options before or after the subcommand (`cxr --params F split` = `cxr split --params F`).
+    # Subcommands default to SUPPRESS so an option given before the subcommand is not overwritten.
+    default = (lambda value: value) if top else (lambda value: argparse.SUPPRESS)
+    parser.add_argument("--params", default=default("params.yaml"), help="params file (default: params.yaml)")
+    parser.add_argument("--verbose", "-v", action="store_true", default=default(False),
+                        help="also show Prefect's per-flow and per-task log lines (INFO) on the terminal")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, default=default(None),
+                        help="show Prefect's run log lines on the terminal from this level on")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description="AG-CNN on NIH ChestX-ray14: data, training and batch scoring.")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    _add_common_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="render synthetic radiographs for a patient sample of the real NIH metadata")
@@ -78,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="run the whole DAG in one flow run: data, caches, three stages, evaluation")
     p.add_argument("--metadata", type=Path, help="NIH Data_Entry CSV (default: params data.metadata, else synthesize the demo data)")
+    for p in sub.choices.values():
+        _add_common_options(p, top=False)
     return parser
 
 
@@ -90,6 +134,7 @@ def _run(args: argparse.Namespace) -> dict:
     from flows import data
 
     _quiet_prefect_tracebacks()
+    _terminal_logging(args.verbose, args.log_level)
     if args.command == "synth":
         from tasks.ingest import packaged_metadata_path
 
@@ -135,6 +180,10 @@ def _run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # No telemetry from an ephemeral Prefect server: this machine may have no network, and a
+    # failed send would print an error line into the user's terminal.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     try:
         result = _run(args)
     except DataError as exc:

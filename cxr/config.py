@@ -234,8 +234,11 @@ class Params(_Strict):
         if images is None:
             return raw
         paths = dict(raw.get("paths") or {})
-        if "images" in paths and Path(paths["images"]) != Path(images):
-            raise ValueError(f"data.images_dir ({images}) and paths.images ({paths['images']}) disagree; set one of them")
+        # paths.images at its default value (as a copy of params.yaml has it) yields to
+        # data.images_dir; only two different folders, both set on purpose, are a conflict.
+        given = paths.get("images")
+        if given is not None and Path(given) not in (Path(images), Paths.model_fields["images"].default):
+            raise ValueError(f"data.images_dir ({images}) and paths.images ({given}) disagree; set one of them")
         return {**raw, "paths": {**paths, "images": images}}
 
     @model_validator(mode="after")

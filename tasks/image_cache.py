@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,15 +71,25 @@ class ImageCachePlan:
 
     def meta(self) -> dict:
         return {"kind": "images", "format": FORMAT, "image_size": self.size, "shard_images": self.shard_images,
-                "source_dir": str(Path(self.image_dir).resolve()), "sources_digest": sources_digest(self.ids, self.checksums)}
+                "source_dir": source_dir_from(self.root, self.image_dir), "sources_digest": sources_digest(self.ids, self.checksums)}
+
+
+def source_dir_from(root: Path, image_dir: Path) -> str:
+    """`image_dir` relative to the cache folder `root`, as the published metadata records it.
+
+    Relative, not absolute: the published index is a DVC output, and its hash must be the same
+    in every clone, wherever it is checked out (the key itself hashes only contents and params).
+    """
+    return os.path.relpath(Path(image_dir).resolve(), Path(root).resolve())
 
 
 def plan_image_cache(image_dir: Path, ids, root: Path, size: int, shard_images: int) -> ImageCachePlan:
     """Hash the sources (cheap next to decoding them) and name the build they call for."""
     ids = tuple(dict.fromkeys(ids))  # each image once, in the given order
     checksums = tuple(hash_sources(image_dir, ids))
+    # Contents and params only, never a path: the version folder is named after the key, and
+    # it must be the same in every clone of the repository.
     key = hashlib.sha256(json.dumps({"kind": "images", "format": FORMAT, "size": int(size), "shard_images": int(shard_images),
-                                     "source_dir": str(Path(image_dir).resolve()),
                                      "sources": sources_digest(ids, checksums)}, sort_keys=True).encode()).hexdigest()
     published = cache_store.published_meta(root)
     return ImageCachePlan(Path(root), Path(image_dir), int(size), int(shard_images), ids, checksums, key,
@@ -131,7 +142,7 @@ def image_cache_serves(root: Path, image_dir: Path, size: int) -> dict | None:
     meta = cache_store.published_meta(root)
     if meta is None or meta.get("kind") != "images" or meta.get("format") != FORMAT:
         return None
-    if meta.get("image_size") != int(size) or meta.get("source_dir") != str(Path(image_dir).resolve()):
+    if meta.get("image_size") != int(size) or meta.get("source_dir") != source_dir_from(root, image_dir):
         return None
     return meta
 

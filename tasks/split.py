@@ -123,6 +123,20 @@ def read_splits(path: str | Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
 
 
+LEAKS_CSV = "leaking_patients.csv"
+
+
+def leaking_patients(splits: pd.DataFrame) -> pd.DataFrame:
+    """Every patient with images in more than one split: patient_id, splits ("train, test"),
+    n_images and image_ids (space-separated), one row per patient, sorted by patient id."""
+    frame = splits.dropna(subset=["patient_id"])
+    per = frame.groupby("patient_id", sort=True).agg(
+        splits=("split", lambda s: ", ".join(x for x in SPLITS if x in set(s))),
+        n_images=("image_id", "size"), image_ids=("image_id", lambda s: " ".join(sorted(s))),
+        n_splits=("split", "nunique"))
+    return per.loc[per["n_splits"] > 1].drop(columns="n_splits").reset_index()
+
+
 def run_split(
     metadata_parquet: str | Path,
     out_dir: str | Path,
@@ -144,7 +158,21 @@ def run_split(
     else:
         splits = patient_split(meta, ratios, seed)
         source = "patient_split"
-    validate_split(splits, ratios, tolerance, out_dir / "validation", source=source)
+    listing = out_dir / "validation" / LEAKS_CSV
+    try:
+        validate_split(splits, ratios, tolerance, out_dir / "validation", source=source)
+    except DataError as exc:
+        leaks = leaking_patients(splits)
+        if leaks.empty:
+            raise
+        # The message names the first few; the file names them all, so a user can fix the split.
+        with atomic_path(listing) as tmp:
+            leaks.to_csv(tmp, index=False)
+        error = DataError(f"{exc} Every leaking patient ({len(leaks)}: patient id, the splits they are in, their "
+                          f"image ids) is listed in {listing}.")
+        error.summary = getattr(exc, "summary", None)
+        raise error from None
+    listing.unlink(missing_ok=True)  # a listing from an earlier refused split no longer applies
     weights = class_weights(meta, splits)
     write_splits(splits, weights, out_dir)
     counts = splits["split"].value_counts()

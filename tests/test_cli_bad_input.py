@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tests.conftest import NIH_SAMPLE, run_cxr
+from tests.conftest import NIH_SAMPLE, ROOT, run_cxr
 from tests.data.make_bad_metadata import make_bad_metadata
 
 CASES = ["empty", "header_only", "missing_column", "duplicate_id", "age_out_of_range", "unknown_label",
@@ -47,6 +49,58 @@ def test_leaking_split_is_refused_by_the_cli(sample_csv, tmp_path, prefect_serve
     assert "Traceback" not in result.stderr
     assert "21" in result.stderr and "leak" in result.stderr.lower()
     assert not (tmp_path / "processed" / "splits.parquet").exists()
+    assert not (tmp_path / "processed" / "class_weights.json").exists()
+    # The message names the first few patients and the file that lists every one of them.
+    listing = tmp_path / "processed" / "validation" / "leaking_patients.csv"
+    assert str(listing) in result.stderr
+    import pandas as pd
+
+    leaks = pd.read_csv(listing, dtype={"patient_id": str})
+    external = pd.read_csv(NIH_SAMPLE / "original_split.csv")
+    meta = pd.read_csv(NIH_SAMPLE / "Data_Entry_sample.csv")
+    joined = external.merge(meta[["Image Index", "Patient ID"]], on="Image Index")
+    per_patient = joined.groupby("Patient ID")["split"].nunique()
+    assert sorted(leaks["patient_id"].astype(int)) == sorted(per_patient[per_patient > 1].index)
+    for row in leaks.itertuples():
+        images = set(joined.loc[joined["Patient ID"] == int(row.patient_id), "Image Index"])
+        assert set(row.image_ids.split()) == images and row.n_images == len(images)
+        assert row.splits == ", ".join(s for s in ("train", "valid", "test")
+                                       if s in set(joined.loc[joined["Image Index"].isin(images), "split"]))
+
+    # A correct split afterwards removes the stale listing (and --params may follow the subcommand).
+    fixed = run_cxr("split", "--metadata", str(out / "metadata.parquet"), "--out", str(tmp_path / "processed"),
+                    "--params", str(ROOT / "params.yaml"))
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert not listing.exists() and (tmp_path / "processed" / "splits.parquet").exists()
+
+
+def test_a_data_error_reaches_the_terminal_once(sample_csv, tmp_path, prefect_server):
+    """Prefect's task, flow and final-state lines stay off the terminal by default (the run
+    still fails, with its message, on the server); --verbose shows them."""
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Image Index,Finding Labels\nx.png,Atelectasis\n")
+    quiet = run_cxr("ingest", "--metadata", str(bad), "--out", str(tmp_path / "interim"))
+    assert quiet.returncode == 2
+    assert quiet.stderr.count("missing required column") == 1, quiet.stderr
+    assert quiet.stderr.startswith("cxr ingest: error:") and "Traceback" not in quiet.stderr
+    assert quiet.stdout == ""
+    loud = run_cxr("ingest", "--metadata", str(bad), "--out", str(tmp_path / "interim"), "--verbose")
+    assert loud.returncode == 2
+    assert loud.stderr.count("missing required column") > 1 and "Flow run" in loud.stderr
+
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    async def failed_runs():
+        async with get_client() as client:
+            return await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.FAILED]))))
+
+    messages = [run.state.message or "" for run in asyncio.run(failed_runs())]
+    assert any("missing required column" in m for m in messages), messages
 
 
 def test_bad_params_are_refused_before_work(tmp_path):
@@ -96,3 +150,12 @@ def test_data_keys_are_confined_and_consistent(tmp_path):
         Params.model_validate({"data": {"split_assignments": str(tmp_path / "s.csv")}})
     with pytest.raises(pydantic.ValidationError, match="disagree"):
         Params.model_validate({"data": {"images_dir": "data/a"}, "paths": {"images": "data/b"}})
+    # A copy of params.yaml carries paths.images at its default: data.images_dir alone wins.
+    import yaml
+
+    from tests.conftest import ROOT
+
+    copied = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert copied["paths"]["images"] == "data/raw/images"
+    copied["data"]["images_dir"] = "data/real/images"
+    assert Params.model_validate(copied).paths.images == Path("data/real/images")
