@@ -85,7 +85,7 @@ class AttentionParams(_Strict):
 
 
 class ModelParams(_Strict):
-    backbone: Literal["resnet18", "resnet34", "resnet50", "densenet121"] = "resnet18"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_lite0"] = "resnet18"
     pretrained: Literal["imagenet", "none"] = "none"
     # Side of the network input (the global branch sees image_size x image_size pixels).
     image_size: int = Field(128, ge=32)

@@ -16,7 +16,7 @@ from tasks.dataset import center_offset, load_split, to_input
 from tasks.ingest import read_metadata
 from tasks.metrics import auroc_per_class, bootstrap_auroc, roc_points
 from tasks.split import read_splits
-from tasks.train import pick_device
+from tasks.device import pick_device
 from tasks.weights import load_agcnn, model_digest
 
 # Mean AUROC over the 14 classes on the official ChestX-ray14 splits, as published. Other

@@ -28,6 +28,7 @@ from models.branch import build_branch
 from models.fusion import FusionHead
 from models.agcnn import attention_crops
 from models.loss import WeightedBCE
+from tasks.device import pick_device  # noqa: F401  (re-exported: tasks.train.pick_device)
 from tasks.dataset import PixelDataset, load_split, random_crop_offsets, to_input
 from tasks.ingest import read_metadata
 from tasks.metrics import auroc_per_class, mean_auroc
@@ -35,14 +36,6 @@ from tasks.split import read_splits
 from tasks.weights import STAGES, digest_file, load_branch, save_weights
 
 log = logging.getLogger("cxr.train")
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise DataError("params ask for device cuda, but no CUDA device is available", where="params.train.device")
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 class StageModel(torch.nn.Module):
