@@ -154,8 +154,9 @@ def fusion_vs_global(y: np.ndarray, probs: dict[str, np.ndarray], bootstrap: int
 
     def diffs(idx):
         yy, g, f = y[idx], probs["global"][idx], probs["fusion"][idx]
+        per_class = auroc_per_class(yy, f) - auroc_per_class(yy, g)  # NaN where not computable in this resample
         with np.errstate(all="ignore"):
-            mean = np.nanmean(auroc_per_class(yy, f) - auroc_per_class(yy, g)) if np.isfinite(auroc_per_class(yy, g)).any() else np.nan
+            mean = np.nanmean(per_class) if np.isfinite(per_class).any() else np.nan
         a = auroc_per_class(anyf[idx], f.max(1, keepdims=True))[0] - auroc_per_class(anyf[idx], g.max(1, keepdims=True))[0]
         return mean, a
 
@@ -291,11 +292,11 @@ def validation_markdown(report: dict) -> list[str]:
             d = diff[key]
             if d["difference"] is None:
                 continue
+            interval = (f" (95% interval {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})" if None not in d["ci95"] else "")
             if d["worse"]:
                 lines.append(f"- **On the {split} split, fusion (the served model) is worse than its global branch**: "
                              f"{what} {d['difference']:+.3f} (95% interval {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}, "
                              "entirely below zero). Serving the global branch alone would do better here.")
             else:
-                lines.append(f"- On the {split} split, fusion minus global {what}: {d['difference']:+.3f} "
-                             f"(95% interval {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}).")
+                lines.append(f"- On the {split} split, fusion minus global {what}: {d['difference']:+.3f}{interval}.")
     return lines + [""]
