@@ -106,7 +106,6 @@ def _sources(params: Params, ids) -> tuple[str, Path | None]:
 
 def plan_crop_cache(params: Params) -> CropCachePlan:
     """The build the current global weights and params call for; up_to_date when published."""
-
     m, c = params.model, params.cache
     weights = Path(params.paths.models) / "global.safetensors"
     if not weights.exists():
