@@ -116,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="build the image cache (decode once) or the crop cache (after stage I)")
     p.add_argument("what", choices=("images", "crops"))
 
+    sub.add_parser("backbones", help="list the backbones as JSON: feature size, parameters, whether ImageNet weights are on this machine (offline)")
     sub.add_parser("serve", help="serve the nightly-scoring Prefect deployment (cron from params; runs until stopped)")
 
     p = sub.add_parser("pipeline", help="run the whole DAG in one flow run: data, caches, three stages, evaluation")
@@ -125,7 +126,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> dict:
+def _run(args: argparse.Namespace) -> dict | list:
+    if args.command == "backbones":  # needs no params and no Prefect: the models alone
+        from models.branch import backbone_catalog
+
+        return backbone_catalog()
     from cxr.config import load_params
 
     params = load_params(args.params)

@@ -85,7 +85,7 @@ class AttentionParams(_Strict):
 
 
 class ModelParams(_Strict):
-    backbone: Literal["resnet18", "resnet34", "resnet50", "densenet121"] = "resnet18"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_lite0"] = "resnet18"
     pretrained: Literal["imagenet", "none"] = "none"
     # Side of the network input (the global branch sees image_size x image_size pixels).
     image_size: int = Field(128, ge=32)
@@ -122,6 +122,41 @@ class StageParams(_Strict):
     # lr is divided by `lr_gamma` every `lr_step` epochs (the paper: /10 every 20).
     lr_step: int = Field(20, ge=1)
     lr_gamma: float = Field(0.1, gt=0, le=1)
+    # A pretrained body (model.pretrained: imagenet) learns at lr * body_lr_scale while the new
+    # head learns at lr: small data should nudge ImageNet features, not overwrite them. No
+    # effect on a random-init body or on the fusion head.
+    body_lr_scale: float = Field(1.0, gt=0, le=1)
+    # Early stopping: end the stage once `patience` epochs in a row bring no better validation
+    # mean AUROC (the best epoch's weights are kept either way). Unset: run every epoch.
+    patience: int | None = Field(None, ge=1)
+
+    def fingerprint_dump(self) -> dict:
+        """The fields a checkpoint is valid for; the newer ones only when set, so checkpoints
+        made before they existed keep their fingerprint."""
+        out = self.model_dump(mode="json")
+        for key, default in (("body_lr_scale", 1.0), ("patience", None)):
+            if out[key] == default:
+                del out[key]
+        return out
+
+
+class AugmentParams(_Strict):
+    """Stage I/II training augmentation for radiographs, beyond the horizontal flip: per image
+    and epoch, drawn from the epoch's seeded generator and applied to the batch as tensor ops.
+    Never a vertical flip (a radiograph is never upside down). All zero: none."""
+
+    # Rotation uniform in [-rotation, rotation] degrees and zoom uniform in [1 - scale, 1 + scale]
+    # (one affine resampling, border pixels extended).
+    rotation: float = Field(0.0, ge=0, le=30)
+    scale: float = Field(0.0, ge=0, lt=0.5)
+    # Intensity on [0, 1] pixels: p * c + b with c uniform in [1 - contrast, 1 + contrast] and
+    # b uniform in [-brightness, brightness], clipped to [0, 1].
+    brightness: float = Field(0.0, ge=0, le=0.5)
+    contrast: float = Field(0.0, ge=0, lt=1)
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.rotation, self.scale, self.brightness, self.contrast))
 
 
 class TrainParams(_Strict):
@@ -133,6 +168,7 @@ class TrainParams(_Strict):
     # No effect without model.resize > image_size. Stages II/III read their crops from the crop
     # cache, computed once from the centre crop, so they (and all evaluation) see the centre.
     random_crop: bool = True
+    augment: AugmentParams = AugmentParams()
     # On CUDA: NHWC memory lets tensor cores run the convolutions without transposes.
     channels_last: bool = True
     global_: StageParams = Field(StageParams(), alias="global")

@@ -38,6 +38,7 @@ from models.attention import attention_heatmap
 from tasks import cache_store
 from tasks.cache_store import ArraySpec, CacheReader
 from tasks.dataset import center_crop, to_input
+from tasks.device import pick_device
 from tasks.image_cache import hash_sources, image_cache_serves, sources_digest
 from tasks.images import load_image_uint8
 from tasks.weights import digest_file, load_branch
@@ -105,8 +106,6 @@ def _sources(params: Params, ids) -> tuple[str, Path | None]:
 
 def plan_crop_cache(params: Params) -> CropCachePlan:
     """The build the current global weights and params call for; up_to_date when published."""
-    from tasks.train import pick_device
-
     m, c = params.model, params.cache
     weights = Path(params.paths.models) / "global.safetensors"
     if not weights.exists():

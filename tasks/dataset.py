@@ -12,10 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from cxr.config import ModelParams
+from cxr.config import AugmentParams, ModelParams
 from cxr.errors import DataError
 from cxr.labels import LABEL_COLUMNS
 from tasks.images import load_image_uint8, to_uint8
@@ -123,9 +126,36 @@ def load_split(meta, splits, split: str, image_dir: Path, model: ModelParams, ca
     return SplitData(ids, pixels, labels, model.image_size)
 
 
-def to_input(pixels: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(B, H, W) uint8 -> (B, 3, H, W) float normalised network input on `device`."""
-    x = pixels.to(device, non_blocking=True).float().div_(255.0).unsqueeze(1).expand(-1, 3, -1, -1)
+def augment_draws(n: int, augment: AugmentParams, generator: torch.Generator) -> torch.Tensor:
+    """(n, 4) float32 per image: rotation (radians), zoom, contrast factor, brightness offset,
+    uniform in the ranges `augment` allows, drawn from `generator` in one call."""
+    u = torch.rand(n, 4, generator=generator) * 2 - 1  # uniform in [-1, 1)
+    half = torch.tensor([math.radians(augment.rotation), augment.scale, augment.contrast, augment.brightness])
+    return u * half + torch.tensor([0.0, 1.0, 1.0, 0.0])
+
+
+def augment_batch(x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Apply `augment_draws` rows to a batch of [0, 1] pixels x (B, H, W) float: one affine
+    resampling per image about its centre (rotation, zoom; bilinear, border extended) and the
+    intensity change p * c + b clipped to [0, 1]. Batched: one affine_grid + grid_sample."""
+    draws = draws.to(x.device, x.dtype)
+    angle, zoom, contrast, brightness = draws.unbind(1)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    # The grid maps output to input coordinates: zooming in (zoom > 1) samples a smaller window.
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1), torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+    grid = F.affine_grid(theta, [x.shape[0], 1, *x.shape[-2:]], align_corners=False)
+    x = F.grid_sample(x.unsqueeze(1), grid, mode="bilinear", padding_mode="border", align_corners=False).squeeze(1)
+    return (x * contrast.view(-1, 1, 1) + brightness.view(-1, 1, 1)).clamp_(0.0, 1.0)
+
+
+def to_input(pixels: torch.Tensor, device: torch.device | str = "cpu", augment: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, W) uint8 -> (B, 3, H, W) float normalised network input on `device`; with
+    `augment` ((B, 4) `augment_draws` rows) augmented first. uint8 travels, float is made on
+    the device."""
+    x = pixels.to(device, non_blocking=True).float().div_(255.0)
+    if augment is not None:
+        x = augment_batch(x, augment)
+    x = x.unsqueeze(1).expand(-1, 3, -1, -1)
     x = (x - IMAGENET_MEAN.to(device)) / IMAGENET_STD.to(device)
     # NHWC on CUDA matches a channels-last model; on the CPU NCHW is what the kernels like.
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
@@ -156,3 +186,53 @@ class PixelDataset(torch.utils.data.Dataset):
         if self.flips is not None and bool(self.flips[i]):
             pixels = pixels.flip(-1)
         return pixels, self.data.labels[i]
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """One epoch's training batches, fetched whole: `batches[i]` is the list of split positions
+    of batch i, and item i is (*inputs, labels) for all of them at once, by tensor indexing
+    (no per-image __getitem__ + collate).
+
+    inputs: (pixels (B, S, S) uint8,) from a `SplitData` (per-image crop offsets and flips
+    applied), or (crops (B, L, L) uint8, pooled (B, C) float32) from the crop cache (a
+    `tasks.crop_cache.CropSplit`, the flipped view where flipped); plus the (B, 4) augmentation
+    draws when given. Used with DataLoader(batch_size=None) so workers prefetch whole batches.
+    """
+
+    def __init__(self, data, batches: list[list[int]], flips: torch.Tensor | None = None,
+                 offsets: torch.Tensor | None = None, augment: torch.Tensor | None = None):
+        self.data, self.batches, self.flips, self.offsets, self.augment = data, batches, flips, offsets, augment
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        idx = torch.as_tensor(self.batches[i], dtype=torch.int64)
+        flips = self.flips[idx] if self.flips is not None else None
+        if hasattr(self.data, "pixels"):
+            inputs = (self._pixels(idx, flips),)
+        else:
+            inputs = self._cached(idx, flips)
+        extra = (self.augment[idx],) if self.augment is not None else ()
+        return (*inputs, *extra, self.data.labels[idx])
+
+    def _pixels(self, idx: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
+        size = self.data.size
+        if self.offsets is None:
+            pixels = self.data.pixels[idx]
+        else:  # each image's own window: gather rows, then columns
+            span = torch.arange(size)
+            rows = (self.offsets[idx, 0, None] + span)[:, :, None]
+            cols = (self.offsets[idx, 1, None] + span)[:, None, :]
+            pixels = self.data.loaded[idx[:, None, None], rows, cols]
+        if flips is not None:
+            pixels = torch.where(flips.view(-1, 1, 1), pixels.flip(-1), pixels)
+        return pixels
+
+    def _cached(self, idx: torch.Tensor, flips: torch.Tensor | None):
+        rows = self.data.rows[idx.numpy()]
+        view = flips.long() if flips is not None else torch.zeros(len(idx), dtype=torch.long)
+        pick = torch.arange(len(idx))
+        crops = torch.from_numpy(self.data.cache.get("crops", rows))[pick, view]
+        pooled = torch.from_numpy(self.data.cache.get("pooled", rows))[pick, view]
+        return crops, pooled

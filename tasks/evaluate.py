@@ -1,5 +1,7 @@
 """Test-split evaluation of the three branches: AUROC with bootstrap intervals, ROC points,
-the published comparison, and localization IoU of the attention box against true boxes."""
+the published comparison, and localization IoU of the attention box against true boxes; the
+same AUROC figures on the validation split, where the branches are compared (does fusion,
+the served model, beat its own global branch?) and recorded in the model registry."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from tasks.dataset import center_offset, load_split, to_input
 from tasks.ingest import read_metadata
 from tasks.metrics import auroc_per_class, bootstrap_auroc, roc_points
 from tasks.split import read_splits
-from tasks.train import pick_device
+from tasks.device import pick_device
+from tasks.registry import record_evaluation
 from tasks.weights import load_agcnn, model_digest
 
 # Mean AUROC over the 14 classes on the official ChestX-ray14 splits, as published. Other
@@ -116,25 +119,74 @@ def any_finding_auroc(y: np.ndarray, p: np.ndarray, bootstrap: int, seed: int) -
             "score": "max of the 14 class probabilities", "images_with_findings": int(has_finding.sum())}
 
 
+def branch_probabilities(model, data, device: torch.device, batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({branch: (N, K) probabilities}, attention boxes (N, 4)) of the AG-CNN over a split."""
+    outs = {b: [] for b in BRANCHES}
+    boxes = []
+    with torch.no_grad():
+        for start in range(0, len(data.ids), batch_size):
+            result = model(to_input(data.pixels[start : start + batch_size], device))
+            for name, logits in zip(BRANCHES, (result.global_logits, result.local_logits, result.fusion_logits)):
+                outs[name].append(torch.sigmoid(logits.float()).cpu())
+            boxes.append(result.boxes.cpu())
+    return {b: torch.cat(v).numpy() for b, v in outs.items()}, torch.cat(boxes).numpy()
+
+
+def split_figures(y: np.ndarray, probs: dict[str, np.ndarray], bootstrap: int, seed: int) -> dict:
+    """Per branch: mean AUROC with its bootstrap interval and the any-finding AUROC."""
+    out = {}
+    for name in BRANCHES:
+        per_class = auroc_per_class(y, probs[name])
+        ci = bootstrap_auroc(y, probs[name], bootstrap, seed)
+        out[name] = {"mean_auroc": round(float(np.nanmean(per_class)), 4) if np.isfinite(per_class).any() else None,
+                     "mean_auroc_ci95": [round(v, 4) for v in ci["mean"]],
+                     "any_finding": any_finding_auroc(y, probs[name], bootstrap, seed)}
+    return out
+
+
+def fusion_vs_global(y: np.ndarray, probs: dict[str, np.ndarray], bootstrap: int, seed: int) -> dict:
+    """Fusion minus global on one split, for the mean AUROC and the any-finding AUROC, with a
+    paired bootstrap interval (the same resampled images for both). `worse`: the whole interval
+    is below zero, i.e. fusion is worse than global beyond the sampling noise."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    anyf = y.max(axis=1, keepdims=True)
+
+    def diffs(idx):
+        yy, g, f = y[idx], probs["global"][idx], probs["fusion"][idx]
+        per_class = auroc_per_class(yy, f) - auroc_per_class(yy, g)  # NaN where not computable in this resample
+        with np.errstate(all="ignore"):
+            mean = np.nanmean(per_class) if np.isfinite(per_class).any() else np.nan
+        a = auroc_per_class(anyf[idx], f.max(1, keepdims=True))[0] - auroc_per_class(anyf[idx], g.max(1, keepdims=True))[0]
+        return mean, a
+
+    point = diffs(np.arange(n))
+    draws = np.array([diffs(rng.integers(0, n, n)) for _ in range(bootstrap)]) if bootstrap else np.full((1, 2), np.nan)
+    out = {}
+    for j, key in enumerate(("mean_auroc", "any_finding_auroc")):
+        finite = draws[np.isfinite(draws[:, j]), j]
+        lo, hi = (np.percentile(finite, [2.5, 97.5]) if len(finite) else (np.nan, np.nan))
+        value = point[j]
+        out[key] = {"difference": None if not np.isfinite(value) else round(float(value), 4),
+                    "ci95": [None if not np.isfinite(v) else round(float(v), 4) for v in (lo, hi)],
+                    "worse": bool(np.isfinite(hi) and hi < 0)}
+    return out
+
+
 def evaluate(params: Params, *, truth_boxes: list[Path] | None = None) -> dict:
     paths = params.paths
     device = pick_device(params.train.device)
     meta = read_metadata(Path(paths.interim) / "metadata.parquet")
     splits = read_splits(Path(paths.processed) / "splits.parquet")
     test = load_split(meta, splits, "test", Path(paths.images), params.model, Path(paths.cache) / "images")
+    valid = load_split(meta, splits, "valid", Path(paths.images), params.model, Path(paths.cache) / "images")
     model = load_agcnn(Path(paths.models), params).to(device)
-    outs = {b: [] for b in BRANCHES}
-    boxes = []
-    with torch.no_grad():
-        for start in range(0, len(test.ids), params.train.fusion.batch_size):
-            result = model(to_input(test.pixels[start : start + params.train.fusion.batch_size], device))
-            for name, logits in zip(BRANCHES, (result.global_logits, result.local_logits, result.fusion_logits)):
-                outs[name].append(torch.sigmoid(logits.float()).cpu())
-            boxes.append(result.boxes.cpu())
-    y = test.labels.numpy()
-    probs = {b: torch.cat(v).numpy() for b, v in outs.items()}
+    batch = params.train.fusion.batch_size
+    probs, boxes = branch_probabilities(model, test, device, batch)
+    valid_probs, _ = branch_probabilities(model, valid, device, batch)
+    y, y_valid = test.labels.numpy(), valid.labels.numpy()
     # Attention boxes from network-input pixels into the resized image the input was cropped from.
-    boxes_px = torch.cat(boxes).numpy() + center_offset(params.model.load_size, params.model.image_size)
+    boxes_px = boxes + center_offset(params.model.load_size, params.model.image_size)
 
     report: dict = {"model_digest": model_digest(Path(paths.models)), "test_images": len(test.ids), "branches": {}}
     for name in BRANCHES:
@@ -161,6 +213,10 @@ def evaluate(params: Params, *, truth_boxes: list[Path] | None = None) -> dict:
                                 real=params.data.metadata is not None)
         report["localization"][Path(box_file).name] = localization(
             boxes_px, test.ids, truth[truth["image_id"].isin(scale)], scale)
+    b, seed = params.evaluate.bootstrap, params.seed
+    report["validation"] = {"images": len(valid.ids), "branches": split_figures(y_valid, valid_probs, b, seed),
+                            "fusion_minus_global": fusion_vs_global(y_valid, valid_probs, b, seed)}
+    report["test_fusion_minus_global"] = fusion_vs_global(y, probs, b, seed)
     report["published"] = [{"method": m, "mean_auroc": v, "note": "published on the official ChestX-ray14 split; other data and hardware"} for m, v in PUBLISHED]
 
     metrics = Path(paths.metrics)
@@ -172,6 +228,7 @@ def evaluate(params: Params, *, truth_boxes: list[Path] | None = None) -> dict:
         **{f"localization_{k.split('.')[0]}_mean_iou": v.get("mean_iou") for k, v in report["localization"].items() if v["images"]},
     })
     atomic_write_json(metrics / "evaluate_detail.json", report)
+    record_evaluation(Path(paths.models), report)
     atomic_write_json(metrics / "roc_fusion.json", roc_points(y, probs["fusion"], list(PATHOLOGIES)))
     atomic_write_text(Path(paths.reports) / "evaluation.md", render_markdown(report))
     return report
@@ -194,6 +251,8 @@ def render_markdown(report: dict) -> str:
         cells.append(f"{v['auroc']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" if isinstance(v, dict) else "n/a")
     lines.append("| No Finding vs any finding (max of the 14) | " + " | ".join(cells) + " |")
     lines += ["", "Classes without positives or negatives in the test split are marked n/a and left out of the mean.", ""]
+    if "validation" in report:
+        lines += validation_markdown(report)
     lines += ["## Published results (other data and hardware: context, not a like-for-like comparison)", "", "| method | mean AUROC |", "| --- | --- |"]
     lines += [f"| {p['method']} | {p['mean_auroc']:.3f} |" for p in report["published"]]
     if report["localization"]:
@@ -201,3 +260,43 @@ def render_markdown(report: dict) -> str:
         for name, v in report["localization"].items():
             lines.append(f"| {name} | {v['images']} | {v.get('mean_iou', 'n/a')} | {v.get('iou_at_0.1', 'n/a')} | {v.get('iou_at_0.3', 'n/a')} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(v) -> str:
+    if isinstance(v, dict) and v.get("auroc") is not None:
+        return f"{v['auroc']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+    return "n/a"
+
+
+def _mean_cell(v: dict) -> str:
+    if v["mean_auroc"] is None:
+        return "n/a"
+    return f"{v['mean_auroc']:.3f} [{v['mean_auroc_ci95'][0]:.3f}, {v['mean_auroc_ci95'][1]:.3f}]"
+
+
+def validation_markdown(report: dict) -> list[str]:
+    """The branch comparison: validation and test, mean and any-finding AUROC with intervals,
+    and in plain words whether the served fusion model is worse than its global branch."""
+    val = report["validation"]
+    test = {name: {"mean_auroc": v["mean_auroc"], "mean_auroc_ci95": v["mean_auroc_ci95"], "any_finding": v["any_finding"]}
+            for name, v in report["branches"].items()}
+    lines = ["## Branches on validation and test", "",
+             f"{val['images']} validation images, {report['test_images']} test images; 95% bootstrap intervals.", "",
+             "| branch | valid mean AUROC | valid any finding | test mean AUROC | test any finding |", "| --- | --- | --- | --- | --- |"]
+    for name in BRANCHES:
+        v, t = val["branches"][name], test[name]
+        lines.append(f"| {name} | {_mean_cell(v)} | {_cell(v['any_finding'])} | {_mean_cell(t)} | {_cell(t['any_finding'])} |")
+    lines.append("")
+    for split, diff in (("validation", val["fusion_minus_global"]), ("test", report["test_fusion_minus_global"])):
+        for key, what in (("mean_auroc", "mean AUROC"), ("any_finding_auroc", "No Finding vs any finding AUROC")):
+            d = diff[key]
+            if d["difference"] is None:
+                continue
+            interval = (f" (95% interval {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})" if None not in d["ci95"] else "")
+            if d["worse"]:
+                lines.append(f"- **On the {split} split, fusion (the served model) is worse than its global branch**: "
+                             f"{what} {d['difference']:+.3f} (95% interval {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}, "
+                             "entirely below zero). Serving the global branch alone would do better here.")
+            else:
+                lines.append(f"- On the {split} split, fusion minus global {what}: {d['difference']:+.3f}{interval}.")
+    return lines + [""]

@@ -83,3 +83,30 @@ def verify(models_dir: Path) -> dict:
         raise DataError(f"the weights on disk (digest {digest[:12]}) are not in the model registry{detail}; refusing to use "
                         "unregistered weights", where=str(models_dir))
     return entry
+
+
+def record_evaluation(models_dir: Path, report: dict) -> dict | None:
+    """Add the evaluation's branch figures (global, local, fusion: validation and test mean and
+    any-finding AUROC with bootstrap intervals, fusion minus global) to the registry entry of
+    the evaluated model. None, and nothing written, when that model is not registered."""
+    models_dir = Path(models_dir)
+    registry = read_registry(models_dir)
+    entry = registry["models"].get(report["model_digest"])
+    if entry is None:
+        return None
+
+    def figures(branch: dict) -> dict:
+        anyf = branch["any_finding"]
+        return {"mean_auroc": branch["mean_auroc"], "mean_auroc_ci95": branch["mean_auroc_ci95"],
+                "any_finding_auroc": anyf.get("auroc") if isinstance(anyf, dict) else None,
+                "any_finding_ci95": anyf.get("ci95") if isinstance(anyf, dict) else None}
+
+    entry["evaluation"] = {
+        "evaluated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "validation": {b: figures(v) for b, v in report["validation"]["branches"].items()},
+        "test": {b: figures(v) for b, v in report["branches"].items()},
+        "fusion_minus_global": {"validation": report["validation"]["fusion_minus_global"],
+                                "test": report["test_fusion_minus_global"]},
+    }
+    atomic_write_json(models_dir / REGISTRY, registry)
+    return entry["evaluation"]

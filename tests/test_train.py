@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import pickle
 
+import pytest
 import torch
 
+from tasks.dataset import to_input
 from tasks.evaluate import evaluate
 from tasks.train import train_stage
 from tasks.weights import digest_file, load_agcnn, load_weights
@@ -96,7 +98,12 @@ def test_nih_boxes_scale_from_1024_px_and_apply_only_to_real_images(tmp_path):
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(workspace, tmp_path):
+    # With augmentation on: its draws come from the epoch generator, so resume stays bitwise.
+    from cxr.config import AugmentParams
+
     base = make_params(workspace, epochs=2)
+    base = base.model_copy(update={"train": base.train.model_copy(update={
+        "augment": AugmentParams(rotation=7, scale=0.1, brightness=0.1, contrast=0.1)})})
     straight = base.model_copy(update={"paths": base.paths.model_copy(update={"models": tmp_path / "a", "metrics": tmp_path / "ma"})})
     resumed = base.model_copy(update={"paths": base.paths.model_copy(update={"models": tmp_path / "b", "metrics": tmp_path / "mb"})})
     train_stage(straight, "global", progress=False)
@@ -126,3 +133,82 @@ def test_foreign_pickle_checkpoint_is_never_unpickled(workspace, tmp_path):
     summary = train_stage(params, "global", progress=False)
     assert not os.path.exists("/tmp/cxr-pwned")
     assert summary["history"][0]["epoch"] == 0
+
+
+def test_fusion_starts_at_the_ensemble_and_stops_early(trained, tmp_path):
+    """Stage III's head starts at the mean of the branch heads: on real crop-cache batches its
+    logits are the mean of the two branches' logits. That start is epoch -1 of the selection:
+    with updates too small to change anything (lr 1e-12) no epoch beats it, patience 1 ends
+    the stage after one epoch, and the saved head is the ensemble exactly."""
+    import shutil
+
+    from models.fusion import FusionHead
+    from tasks.crop_cache import CropDataset, crop_split, ensure_crop_cache
+    from tasks.ingest import read_metadata
+    from tasks.split import read_splits
+    from tasks.train import StageModel
+
+    params = trained
+    models = tmp_path / "models"
+    shutil.copytree(params.paths.models, models, ignore=shutil.ignore_patterns("checkpoints", "fusion.*"))
+    fusion_stage = params.train.fusion.model_copy(update={"lr": 1e-12, "epochs": 3, "patience": 1})
+    params = params.model_copy(update={"paths": params.paths.model_copy(update={"models": models, "metrics": tmp_path / "metrics"}),
+                                       "train": params.train.model_copy(update={"fusion": fusion_stage})})
+
+    model = StageModel("fusion", params, models).eval()
+    cache = ensure_crop_cache(params)
+    meta, splits = read_metadata(params.paths.interim / "metadata.parquet"), read_splits(params.paths.processed / "splits.parquet")
+    crops, pooled = CropDataset(crop_split(cache, meta, splits, "valid")).batch(0, 16)
+    with torch.no_grad():
+        fused = model.forward_batch((crops, pooled), torch.device("cpu"))
+        g = model.frozen["global"].classifier(pooled)
+        local = model.frozen["local"](to_input(crops)).logits
+    torch.testing.assert_close(fused, (g + local) / 2, atol=1e-5, rtol=1e-5)
+
+    summary = train_stage(params, "fusion", progress=False)
+    assert summary["history"][0]["epoch"] == -1 and "ensemble" in summary["history"][0]["start"]
+    assert summary["best_epoch"] == -1 and summary["stopped_early"] and summary["epochs_run"] == 1
+    assert summary["best_valid_mean_auroc"] == summary["history"][0]["valid_mean_auroc"]
+    state, meta_ = load_weights(models / "fusion.safetensors")
+    start = FusionHead.from_branches(model.frozen["global"].classifier, model.frozen["local"].classifier)
+    assert torch.equal(state["fc.weight"], start.fc.weight) and torch.equal(state["fc.bias"], start.fc.bias)
+    assert meta_["best_epoch"] == -1
+
+
+def test_param_groups_slow_a_pretrained_body_only():
+    from cxr.config import StageParams
+    from models.branch import build_branch
+    from models.fusion import FusionHead
+    from tasks.train import param_groups, patience_spent
+
+    branch = build_branch("resnet18")
+    sp = StageParams(lr=0.01, body_lr_scale=0.1)
+    body, head = param_groups(branch, sp, "imagenet")
+    assert body["lr"] == pytest.approx(0.001) and head["lr"] == 0.01
+    assert len(body["params"]) == len(list(branch.body.parameters())) and len(head["params"]) == 2
+    assert len(param_groups(branch, sp, "none")) == 1  # a random-init body is new too
+    assert len(param_groups(FusionHead(8, 8), sp, "imagenet")) == 1
+    # Early stopping counts epochs since the best (the fusion start is epoch -1).
+    assert not patience_spent(3, 2, 2) and patience_spent(4, 2, 2) and patience_spent(0, -1, 1)
+    assert not patience_spent(50, 0, None)
+
+
+def test_evaluation_compares_branches_on_validation_and_records_them(trained):
+    from tasks.registry import read_registry
+    from tests.conftest import registered_copy
+
+    params = registered_copy(trained, "models-eval")
+    params = params.model_copy(update={"paths": params.paths.model_copy(update={"metrics": params.paths.models.parent / "metrics-eval",
+                                                                                "reports": params.paths.models.parent / "reports-eval"})})
+    report = evaluate(params, truth_boxes=[])
+    val = report["validation"]
+    assert val["images"] > 0 and set(val["branches"]) == {"global", "local", "fusion"}
+    for key in ("mean_auroc", "any_finding_auroc"):
+        d = val["fusion_minus_global"][key]
+        assert d["ci95"][0] <= d["difference"] <= d["ci95"][1] and d["worse"] == (d["ci95"][1] < 0)
+    entry = read_registry(params.paths.models)["models"][report["model_digest"]]["evaluation"]
+    assert set(entry["validation"]) == set(entry["test"]) == {"global", "local", "fusion"}
+    assert entry["test"]["fusion"]["any_finding_auroc"] == report["branches"]["fusion"]["any_finding"]["auroc"]
+    text = (params.paths.reports / "evaluation.md").read_text()
+    assert "## Branches on validation and test" in text
+    assert "fusion minus global" in text or "worse than its global branch" in text
