@@ -200,6 +200,22 @@ class NightlyParams(_Strict):
     timezone: str = ""
 
 
+class AppParams(_Strict):
+    """The local web app (`cxr app`): uploads scored one at a time by people or integrations."""
+
+    # Uploads arriving within this many milliseconds of the first waiting one share one forward
+    # pass (at most score.batch_size studies); 0 scores each upload alone.
+    batch_window_ms: int = Field(15, ge=0, le=2000)
+    # False: the app run keeps rows and per-study JSON only, never a picture of an upload
+    # (for sites that must not keep images); the study page then shows the numbers alone.
+    store_pixels: bool = True
+    # The app's own run record (rows, per-study JSON, pictures); unset: paths.reports/app.
+    store: Path | None = None
+    # Folders searched for scoring runs (`cxr score` outputs, the nightly store and its dated
+    # folders) shown in the runs browser; empty: paths.reports.
+    runs: tuple[Path, ...] = ()
+
+
 class DataParams(_Strict):
     """Which data the pipeline runs on: the synthetic demo (all unset) or real NIH files."""
 
@@ -225,6 +241,7 @@ class Params(_Strict):
     score: ScoreParams = ScoreParams()
     nightly: NightlyParams = NightlyParams()
     dask: DaskParams = DaskParams()
+    app: AppParams = AppParams()
 
     @model_validator(mode="before")
     @classmethod
@@ -245,6 +262,23 @@ class Params(_Strict):
             if value is not None:
                 self.paths.confine(f"data.{name}", value)
         return self
+
+
+    @model_validator(mode="after")
+    def _app_folders_confined(self):
+        if self.app.store is not None:
+            self.paths.confine("app.store", self.app.store)
+        for i, folder in enumerate(self.app.runs):
+            self.paths.confine(f"app.runs[{i}]", folder)
+        return self
+
+    def app_store(self) -> Path:
+        """The app's run record folder."""
+        return Path(self.app.store or Path(self.paths.reports) / "app")
+
+    def app_runs(self) -> tuple[Path, ...]:
+        """Folders the runs browser searches."""
+        return tuple(self.app.runs) or (Path(self.paths.reports),)
 
 
 def load_params(path: str | Path | None = "params.yaml") -> Params:
