@@ -41,10 +41,12 @@ bench: setup
 	$(BIN)/python benchmarks/bench_dask_cache.py
 	$(BIN)/python benchmarks/bench_dask_score.py
 
-# The bad-input corpus (generated, never committed): images/DICOMs and faulty metadata CSVs.
+# The bad-input corpus (generated, never committed): images/DICOMs and faulty metadata CSVs,
+# and the out-of-distribution corpus (photos, MR/CT slices, noise, text; near: a turned radiograph).
 corpus: setup
 	$(BIN)/python tests/data/make_bad_corpus.py tests/data/bad/images
 	$(BIN)/python tests/data/make_bad_metadata.py ../shared/data/nih-sample-64/Data_Entry_sample.csv tests/data/bad/metadata
+	$(BIN)/python tests/data/make_ood_corpus.py tests/data/ood --studies ../shared/data/studies
 
 clean:
 	rm -rf data/raw data/interim data/processed data/cache data/models data/metrics data/reports .prefect

@@ -190,6 +190,15 @@ class ScoreParams(_Strict):
     max_bytes: int = Field(200_000_000, ge=1)
     # Longest side of the radiograph panels in the overlay PNGs.
     overlay_size: int = Field(384, ge=64, le=2048)
+    # Out of distribution (tasks/ood.py). Non-radiographs (photos, text, noise, MR/CT slices) are
+    # refused by a model-free precheck unless "off". A radiograph unlike this model's training
+    # data (feature-space distance over the gate's threshold): "reject" refuses it, "flag" scores
+    # it with ood_flag set, "off" checks nothing. Default "flag": the demo model learned from
+    # synthetic images, so every real film is far from its training data, and real films must
+    # stay scoreable (ARCHITECTURE.md, "Out of distribution has two degrees").
+    ood: Literal["reject", "flag", "off"] = "flag"
+    # Target false-rejection rate of the feature gate on the validation split (its threshold).
+    ood_false_rejection: float = Field(0.01, gt=0, lt=0.5)
 
 
 class NightlyParams(_Strict):
