@@ -199,6 +199,10 @@ class ScoreParams(_Strict):
     ood: Literal["reject", "flag", "off"] = "flag"
     # Target false-rejection rate of the feature gate on the validation split (its threshold).
     ood_false_rejection: float = Field(0.01, gt=0, lt=0.5)
+    # false: no overlay or thumbnail PNGs (rows, JSON, Parquet and the report still written).
+    pictures: bool = True
+    # Data Docs of the score gates: rebuilt only when a suite's outcome changes ("changed"), or every run.
+    data_docs: Literal["changed", "always"] = "changed"
 
 
 class NightlyParams(_Strict):

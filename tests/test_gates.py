@@ -143,17 +143,16 @@ def test_nan_scores_publish_nothing_and_keep_the_last_good_report(params, tmp_pa
     assert _cli("--params", str(params_file), "score", "--input", str(first), "--out", str(out))[0] == 0
     kept = {name: (out / name).read_bytes() for name in ("report.html", "scores.parquet")}
 
-    real, batches = score._rows_for_batch, []
+    real, batches = score.Scorer.infer, []
 
-    def nan_in_first_batch(*args, **kwargs):
+    def nan_in_first_batch(self, studies, run_id):
         batches.append(1)
-        for study, prob, *rest in real(*args, **kwargs):
-            if len(batches) == 1:
-                prob = prob.copy()
-                prob[1] = np.nan  # cardiomegaly
-            yield study, prob, *rest
+        scored = real(self, studies, run_id)
+        if len(batches) == 1:
+            scored[0].row["cardiomegaly"] = np.nan
+        return scored
 
-    monkeypatch.setattr(score, "_rows_for_batch", nan_in_first_batch)
+    monkeypatch.setattr(score.Scorer, "infer", nan_in_first_batch)
     new = _copy(NIH_IMAGES[2:6], tmp_path / "second")  # 4 new studies: two batches of 2
     code, _, err = _cli("--params", str(params_file), "score", "--input", str(new), "--out", str(out))
     err = err.replace("\n", " ")
@@ -166,7 +165,7 @@ def test_nan_scores_publish_nothing_and_keep_the_last_good_report(params, tmp_pa
     assert not (json.loads((out / "validation" / "scores_validation.json").read_text())["success"])
 
     # The discarded studies are scored again by the next (healthy) run.
-    monkeypatch.setattr(score, "_rows_for_batch", real)
+    monkeypatch.setattr(score.Scorer, "infer", real)
     code, stdout, err = _cli("--params", str(params_file), "score", "--input", str(new), "--out", str(out))
     assert code == 0, err
     summary = json.loads(stdout)
