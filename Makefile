@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test ui bench clean corpus
+.PHONY: setup demo test ui app bench clean corpus
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ test: setup
 
 ui: setup
 	scripts/prefect-server.sh foreground
+
+# The web app on http://127.0.0.1:8000 (the demo's registered model; CXR_APP_TOKEN to bind elsewhere).
+app: setup
+	$(BIN)/cxr app --host $${CXR_APP_HOST:-127.0.0.1} --port $${CXR_APP_PORT:-8000}
 
 # Every benchmark writes benchmarks/results/<name>.json; run on an otherwise idle machine.
 bench: setup
