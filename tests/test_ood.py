@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,7 @@ from cxr.errors import DataError
 from tasks import ood
 from tasks.images import load_image
 
-sys.path.insert(0, str(Path(__file__).parent / "data"))
-from make_ood_corpus import FAR, NEAR, make_ood_corpus  # noqa: E402
+from tasks.ood_corpus import FAR, NEAR, make_ood_corpus
 
 STUDIES = NIH_SAMPLE.parent / "studies"
 
@@ -132,12 +130,18 @@ def test_gate_is_bound_to_the_model_digest(tmp_path):
         ood.load_gate(tmp_path, "a" * 64)
 
 
-def test_registering_fits_the_gate_on_the_train_split(trained):
+@pytest.fixture(scope="module")
+def gated(trained):
+    """A registered copy of the trained models (registering fits the gate) at a 5% target."""
+    return registered_copy(trained, "models-ood", ood_false_rejection=0.05)
+
+
+def test_registering_fits_the_gate_on_the_train_split(gated):
     from tasks.crop_cache import ensure_crop_cache
     from tasks.split import read_splits
     from tasks.weights import model_digest
 
-    params = registered_copy(trained, "models-ood", ood_false_rejection=0.05)
+    params = gated
     models = Path(params.paths.models)
     digest = model_digest(models)
     entry = json.loads((models / "registry.json").read_text())["models"][digest]
@@ -155,3 +159,57 @@ def test_registering_fits_the_gate_on_the_train_split(trained):
     shutil.copytree(models, other, dirs_exist_ok=True)
     with pytest.raises(DataError, match="fitted for model"):
         ood.load_gate(other, "f" * 64)
+
+
+def test_scoring_refuses_out_of_distribution_files(gated, corpus, tmp_path):
+    from tasks.score import Scorer
+
+    root, _ = corpus
+    items = [("photo", root / "photo_colour_chelsea.png"), ("text", root / "text_page.png"),
+             ("mr_as_cr", root / "mr_relabelled_cr.dcm"), ("film", STUDIES / "00000001_000.png"),
+             ("dicom", STUDIES / "Fake_MONOHR1.dcm")]
+    for mode in ("flag", "reject"):
+        params = gated.model_copy(update={"score": gated.score.model_copy(update={"ood": mode})})
+        scorer = Scorer.load(params)
+        assert scorer.gate is not None
+        rows = {s.row["study_id"]: s.row for s in scorer.score(items, f"ood-{mode}")}
+        for name in ("photo", "text", "mr_as_cr"):
+            assert rows[name]["status"] == "rejected", rows[name]
+            assert rows[name]["reason"].startswith("out of distribution: "), rows[name]["reason"]
+            assert rows[name]["ood_flag"] is True
+        for name in ("film", "dicom"):  # real radiographs: scored (flag) or refused by the gate (reject)
+            row = rows[name]
+            assert row["ood_score"] is not None and np.isfinite(row["ood_score"])
+            over = row["ood_score"] > scorer.gate.threshold
+            assert row["ood_flag"] is bool(over)
+            if mode == "flag" or not over:
+                assert row["status"] == "scored", row
+            else:
+                assert row["status"] == "rejected" and row["reason"].startswith("out of distribution: ")
+                assert "pooled features" in row["reason"]
+
+
+def test_evaluation_reports_the_detector(gated):
+    from tasks.dataset import load_split
+    from tasks.evaluate import ood_detector, ood_metrics, render_ood
+    from tasks.ingest import read_metadata
+    from tasks.split import read_splits
+    from tasks.weights import load_agcnn
+
+    params = gated
+    meta = read_metadata(Path(params.paths.interim) / "metadata.parquet")
+    splits = read_splits(Path(params.paths.processed) / "splits.parquet")
+    test = load_split(meta, splits, "test", Path(params.paths.images), params.model)
+    model = load_agcnn(Path(params.paths.models), params)
+    report = ood_detector(params, model, test, "cpu")
+    assert report["test"]["images"] == len(test.ids)
+    # The sample's real radiographs pass the precheck; under flag only the precheck refuses.
+    assert report["test"]["false_rejection_rate"] <= 0.10
+    far = report["corpus"]["far"]
+    assert far["detection_rate"] == 1.0 and far["items"] >= 25
+    assert report["corpus"]["near"]["items"] == 3
+    assert all(r["ood_score"] is not None for r in report["corpus"]["items"].values() if r["refused_by"] != "loader")
+    metrics = ood_metrics(report)
+    assert metrics["ood_far_detection"] == 1.0 and "ood_test_false_rejection" in metrics
+    text = "\n".join(render_ood(report))
+    assert "Out-of-distribution detector" in text and "mr_relabelled_cr.dcm" in text
