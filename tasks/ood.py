@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from cxr.atomic import atomic_path, atomic_write_text
@@ -313,9 +312,12 @@ class OODGate:
     false_rejection: float  # target false-rejection rate on the valid split
     valid_false_rejection: float  # achieved on the valid split
 
-    def score(self, pooled: torch.Tensor) -> np.ndarray:
-        """pooled: (B, C) global-branch pooled features -> (B,) float64, higher = further out."""
-        return self.gaussian.distance(pooled.detach().to("cpu", torch.float64).numpy())
+    def score(self, pooled) -> np.ndarray:
+        """pooled: (B, C) global-branch pooled features (torch.Tensor or array) -> (B,) float64,
+        higher = further out."""
+        if hasattr(pooled, "detach"):  # a torch tensor (this module itself needs no torch)
+            pooled = pooled.detach().cpu().double().numpy()
+        return self.gaussian.distance(np.asarray(pooled, dtype=np.float64))
 
     def reason(self, value: float) -> str:
         return (f"{OOD_PREFIX}unlike this model's training radiographs (Mahalanobis distance {value:.1f} of the "
@@ -337,10 +339,10 @@ def fit_gate(train: np.ndarray, valid: np.ndarray, digest: str, false_rejection:
 
 def save_gate(models_dir: Path, gate: OODGate) -> Path:
     """Write the gate beside the weights as safetensors (tensors + JSON metadata, no pickle)."""
-    from safetensors.torch import save_file
+    from safetensors.numpy import save_file
 
     path = Path(models_dir) / GATE_FILE
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(gate.gaussian, k))) for k in ("mean", "scale", "precision")}
+    tensors = {k: np.ascontiguousarray(getattr(gate.gaussian, k), dtype=np.float64) for k in ("mean", "scale", "precision")}
     meta = {"method": gate.method, "digest": gate.digest, "threshold": gate.threshold,
             "false_rejection": gate.false_rejection, "valid_false_rejection": gate.valid_false_rejection}
     with atomic_path(path) as tmp:
@@ -357,9 +359,9 @@ def load_gate(models_dir: Path, digest: str) -> OODGate | None:
     if not path.exists():
         return None
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="np") as handle:
             meta = json.loads((handle.metadata() or {})["cxr"])
-            arrays = {k: handle.get_tensor(k).numpy() for k in ("mean", "scale", "precision")}
+            arrays = {k: handle.get_tensor(k) for k in ("mean", "scale", "precision")}
         gate = OODGate(float(meta["threshold"]), str(meta["method"]), str(meta["digest"]), _Gaussian(**arrays),
                        float(meta["false_rejection"]), float(meta["valid_false_rejection"]))
     except (OSError, SafetensorError, KeyError, TypeError, ValueError) as exc:
