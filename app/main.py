@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxr.config import Params
@@ -58,6 +59,12 @@ def create_app(params: Params, *, token: str | None = None, models_dir: Path | N
     app.include_router(api.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    if not token:
+        # Without a token the app trusts only this machine: a page elsewhere that rebinds its
+        # own DNS name to 127.0.0.1 gets 400 instead of reading results.
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "::1", "[::1]"],
+                           www_redirect=False)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):

@@ -9,7 +9,6 @@ so no URL can name a folder the app did not find itself.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +117,7 @@ def clean(row: dict) -> dict:
     """A row as JSON-able Python values (NaN/NaT -> None, timestamps as ISO text)."""
     out = {}
     for key, value in row.items():
-        if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NaT:
+        if value is None or (not isinstance(value, (list, dict, tuple)) and pd.isna(value)):
             out[key] = None
         elif hasattr(value, "isoformat"):
             out[key] = value.isoformat()

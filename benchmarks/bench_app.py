@@ -129,7 +129,7 @@ def main() -> None:
         passes = health2["forward_passes"] - health1["forward_passes"]
         publish("app", {
             "profile": "demo: resnet18 AG-CNN, 128 px input, overlay_size 384, score.batch_size 16, random registered weights",
-            "cpu_cores": os.cpu_count(), "torch_threads": None,
+            "cpu_cores": os.cpu_count(),
             "uploads": "distinct synthetic 128 px chest renderings (PNG), POST /api/v1/studies to the real `cxr app`",
             "batch_window_ms": params.app.batch_window_ms, "store_pixels": params.app.store_pixels,
             "latency_ms": {"n": len(timed), "p50": round(float(np.percentile(latencies, 50)), 1),

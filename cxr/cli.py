@@ -91,6 +91,12 @@ def _run(args: argparse.Namespace) -> dict:
     params = load_params(args.params)
     paths = params.paths
     if args.command == "app":
+        import os
+
+        from app.security import TOKEN_ENV, check_bind
+
+        # Refused before anything heavy loads: another address than loopback needs the token.
+        check_bind(args.host, os.environ.get(TOKEN_ENV) or None)
         # The app never runs a flow: no Prefect import, the model loads once and serves until stopped.
         from app.main import serve as serve_app
 

@@ -109,8 +109,18 @@ def test_upload_a_png_and_read_its_study_page(browser, site):
     assert [p for p in api["flagged"].split(", ") if p] == page["flagged"]
 
 
-def test_upload_the_monochrome1_dicom(browser, site):
-    _upload(browser, site, DICOM)
+def test_drop_the_monochrome1_dicom_on_the_upload_zone(browser, site):
+    """Drag and drop: the file lands on the zone as a drop event (a DataTransfer holding it)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(site + "/")
+    browser.find_element(By.ID, "file-input").send_keys(str(DICOM))
+    browser.execute_script("""
+        const input = document.getElementById("file-input"), zone = document.getElementById("drop-zone");
+        const dt = new DataTransfer();
+        for (const f of input.files) dt.items.add(f);
+        input.value = "";  // only the drop handler can put the file back
+        zone.dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));""")
     page = _check_study_page(browser, "app-study-dicom.png")
     assert "/runs/app/studies/" in page["url"]
 

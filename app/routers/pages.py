@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 from urllib.parse import quote
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
@@ -35,7 +36,7 @@ def signin_form(request: Request, next: str = "/"):
 @router.post("/signin")
 def signin(request: Request, token: str = Form(...), next: str = Form("/")):
     expected = request.app.state.token
-    if not expected or not session_value(token) == session_value(expected):
+    if not expected or not hmac.compare_digest(session_value(token), session_value(expected)):
         return _page(request, "signin.html", {"next": safe_next(next), "error": "That token is not the app's token."},
                      status_code=401)
     response = RedirectResponse(safe_next(next), status_code=303)
