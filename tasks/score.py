@@ -125,16 +125,19 @@ class ScoredStudy:
     # Extra facts for the per-study JSON (the gate's threshold and method, the mode).
     ood: dict | None = field(default=None, repr=False)
 
-    def cams_for(self, classes) -> np.ndarray | None:
-        """(T, h, w) float32 maps of the class indices `classes` on `display`'s grid."""
+    def cams_for(self, classes, *, levels: bool = False) -> np.ndarray | None:
+        """(T, h, w) float32 maps of the class indices `classes` on `display`'s grid; with
+        `levels`, as uint8 0..255 (what the overlay colours, at a quarter of the memory)."""
         if self.cam_grid is None:
             return None
         dh, dw = self.display.shape
         y0, x0, y1, x1 = self.cam_region
         grid = torch.from_numpy(self.cam_grid[list(classes)])[None]
-        out = np.zeros((grid.shape[1], dh, dw), dtype=np.float32)
-        out[:, y0 : y1 + 1, x0 : x1 + 1] = F.interpolate(grid, size=(y1 - y0 + 1, x1 - x0 + 1), mode="bilinear",
-                                                         align_corners=False)[0].numpy()
+        up = F.interpolate(grid, size=(y1 - y0 + 1, x1 - x0 + 1), mode="bilinear", align_corners=False)[0]
+        if levels:
+            up = up.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+        out = np.zeros((grid.shape[1], dh, dw), dtype=np.uint8 if levels else np.float32)
+        out[:, y0 : y1 + 1, x0 : x1 + 1] = up.numpy()
         return out
 
     @cached_property
@@ -444,7 +447,8 @@ class Scorer:
             prob = study.probabilities["fusion"]
             titles = [f"{row['study_id']} (attention box)"] + [
                 f"{PATHOLOGIES[k]} {prob[k]:.2f}" + (" FLAGGED" if row[FLAG_COLUMNS[k]] else "") for k in top]
-            save_png(render_overlay(study.display, study.display_box, study.cams_for(top), titles), out_dir / row["overlay"])
+            save_png(render_overlay(study.display, study.display_box, study.cams_for(top, levels=True), titles),
+                     out_dir / row["overlay"])
             save_png(thumbnail(study.display, study.display_box), out_dir / row["thumbnail"])
         atomic_write_json(out_dir / row["json"], study_json(study))
 
