@@ -4,8 +4,9 @@ Laid out like a `cxr score` output folder, so the runs browser and the study pag
 same way: `parts/part-<run>-<n>.parquet` (one per forward pass, written after the batch's JSON
 files), `scores.parquet` (the parts folded in when the app stops), `studies/<sha256>.json`.
 A study is keyed by (sha256 of the upload, model digest): a repeated upload answers from here.
-With pictures, `pictures/<sha256>/` holds what the study page shows beyond the batch overlay:
-the radiograph at display size, every class's activation map and the local branch's crop.
+With pictures, `pictures/<sha256>/` holds what the study page shows: the radiograph at display
+size, the local branch's crop and every class's activation map on the feature grid (the page
+colours the one asked for); the batch overlay and thumbnail are not drawn for uploads.
 """
 
 from __future__ import annotations
@@ -66,9 +67,12 @@ class AppRecord:
     def add(self, scorer: Scorer, studies: list[ScoredStudy]) -> list[dict]:
         """Write each study's files, then the batch's part; return their per-study JSON facts."""
         for study in studies:
-            scorer.write(self.folder, study, pictures=self.pictures)
             if self.pictures and study.display is not None:
                 self._write_pictures(study)
+            # The app's pictures replace the batch overlay and thumbnail: the study page colours
+            # any finding's map on request, so an upload pays for no rendering it may never show.
+            study.row["overlay"] = study.row["thumbnail"] = None
+            scorer.write(self.folder, study, pictures=False)
         with self._lock:
             index = self._parts
             self._parts += 1
@@ -81,16 +85,15 @@ class AppRecord:
         return facts
 
     def _write_pictures(self, study: ScoredStudy) -> None:
+        """The radiograph at display size, the local branch's crop, and the maps on the feature grid."""
         folder = self.folder / PICTURES / output_name(study.row["study_id"])
         save_png(Image.fromarray(np.rint(np.clip(study.display, 0, 1) * 255).astype(np.uint8)), folder / "radiograph.png")
-        # Every class's map, stacked vertically as one 8-bit grey strip: (14 * h, w). The page
-        # colours one on request, so an upload pays one PNG encode, not fourteen renders.
-        cams = study.cams
-        save_png(Image.fromarray(np.rint(np.clip(cams, 0, 1) * 255).astype(np.uint8).reshape(-1, cams.shape[2])),
-                 folder / "cams.png")
         save_png(Image.fromarray(study.crop), folder / "crop.png")
-        atomic_write_json(folder / "display.json", {"box": list(map(int, study.display_box)),
-                                                     "classes": int(cams.shape[0])})
+        # Every class's map at the feature grid's resolution (14 x h/32 x w/32 numbers): the page
+        # upsamples one with ScoredStudy.cams_for, the scoring code's own placement on the picture.
+        atomic_write_json(folder / "maps.json", {
+            "box": [int(v) for v in study.display_box], "cam_region": [int(v) for v in study.cam_region],
+            "cam_grid": np.round(study.cam_grid.astype(np.float64), 5).tolist()})
 
     def close(self) -> None:
         """Fold this and earlier app runs' parts into scores.parquet (the app is stopping)."""

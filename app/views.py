@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from cxr.labels import PATHOLOGIES
 from tasks.overlay import BOX_COLOUR, colormap
+from tasks.score import ScoredStudy
 from app.record import PICTURES
 from app.runs import Run, study_name
 
@@ -82,20 +83,20 @@ def picture_file(run: Run, name: str, facts: dict, picture: str) -> Path | None:
 def cam_png(run: Run, name: str, k: int) -> bytes | None:
     """Class k's activation map coloured over the radiograph, with the attention box (PNG bytes)."""
     folder = pictures_folder(run, name)
-    files = [folder / n for n in ("radiograph.png", "cams.png", "display.json")]
+    files = [folder / n for n in ("radiograph.png", "maps.json")]
     if not all(f.resolve().is_relative_to(run.folder) and f.is_file() for f in files):
         return None
-    gray = np.asarray(Image.open(files[0]).convert("L"), dtype=np.float64) / 255.0
-    meta = json.loads(files[2].read_text())
-    h, w = gray.shape
-    strip = np.asarray(Image.open(files[1]).convert("L"))
-    if strip.shape != (meta["classes"] * h, w) or not 0 <= k < meta["classes"]:
+    meta = json.loads(files[1].read_text())
+    grid = np.asarray(meta["cam_grid"], dtype=np.float32)
+    if grid.ndim != 3 or not 0 <= k < grid.shape[0]:
         return None
-    cam = strip[k * h : (k + 1) * h].astype(np.float64) / 255.0
-    base = np.repeat(gray[..., None] * 255.0, 3, axis=-1)
+    gray = np.asarray(Image.open(files[0]).convert("L"), dtype=np.float32) / 255.0
+    study = ScoredStudy({}, display=gray, cam_grid=grid, cam_region=tuple(meta["cam_region"]))
+    cam = study.cams_for([k])[0]
+    base = np.repeat(gray[..., None].astype(np.float64) * 255.0, 3, axis=-1)
     blended = Image.fromarray(np.rint(0.55 * base + 0.45 * colormap(cam)).astype(np.uint8))
     y0, x0, y1, x1 = meta["box"]
-    ImageDraw.Draw(blended).rectangle((x0, y0, x1, y1), outline=BOX_COLOUR, width=max(1, w // 192))
+    ImageDraw.Draw(blended).rectangle((x0, y0, x1, y1), outline=BOX_COLOUR, width=max(1, gray.shape[1] // 192))
     buf = io.BytesIO()
     blended.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

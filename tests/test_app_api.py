@@ -72,7 +72,7 @@ def test_a_radiograph_is_scored_and_its_page_shows_it(served, tmp_path, kind):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert page.text.count("<tr class=\"finding") == 14
     assert "not a diagnostic device" in page.text
-    for picture in ("radiograph.png", "crop.png", "overlay.png", f"cam-{PATHOLOGIES.index('Nodule')}.png"):
+    for picture in ("radiograph.png", "crop.png", "cam-0.png", f"cam-{PATHOLOGIES.index('Nodule')}.png"):
         image = client.get(f"{body['page']}/{picture}")
         assert image.status_code == 200 and image.content[:8] == b"\x89PNG\r\n\x1a\n", picture
 
@@ -147,6 +147,9 @@ def test_the_runs_browser_lists_batch_and_app_runs(served):
         page = _kept(served, client.get(study["page"]))
         assert page.status_code == 200 and page.text.count("<tr class=\"finding") == (14 if study["status"] == "scored" else 0)
         assert study["source_path"] == study["study_id"]  # relative, never the server's input path
+        if study["status"] == "scored":
+            overlay = client.get(f"{study['page']}/overlay.png")
+            assert overlay.status_code == 200 and overlay.content[:4] == b"\x89PNG"
     html = _kept(served, client.get("/runs/scoring?sort=study_id&order=asc")).text
     assert html.index("00000001_000.png") < html.index("Fake_MONOHR1.dcm")
     app_rows = _kept(served, client.get("/api/v1/runs/app/studies")).json()["studies"]
