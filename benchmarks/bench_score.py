@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import resource
 import shutil
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -126,10 +128,19 @@ def forward_only(params: Params, inputs: Path, batch: int) -> float:
     pixels = torch.from_numpy(np.stack([network_pixels(load_image(p), params.model) for p in sorted(inputs.iterdir())]))
     with torch.inference_mode():
         model(to_input(pixels[:batch]))  # first-call costs
-        t0 = time.perf_counter()
-        for i in range(0, len(pixels), batch):
-            model(to_input(pixels[i : i + batch]))
-        return len(pixels) / (time.perf_counter() - t0)
+        with timer() as t:
+            for i in range(0, len(pixels), batch):
+                model(to_input(pixels[i : i + batch]))
+    return len(pixels) / t["wall"], len(pixels) / t["cpu"]
+
+
+@contextmanager
+def timer():
+    """Wall seconds and this process's CPU seconds (all its threads) of the block."""
+    out = {}
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield out
+    out.update(wall=time.perf_counter() - wall, cpu=time.process_time() - cpu)
 
 
 def in_process(params: Params, inputs: Path, out: Path) -> float:
@@ -137,24 +148,22 @@ def in_process(params: Params, inputs: Path, out: Path) -> float:
     from tasks.score import score_studies
 
     shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    summary = score_studies(params, inputs, out)
-    write_report(out, summary)
-    elapsed = time.perf_counter() - t0
+    with timer() as t:
+        summary = score_studies(params, inputs, out)
+        write_report(out, summary)
     assert summary["scored"] + summary["rejected"] == summary["files_found"], summary
     _check_outputs(out, summary)
-    return summary["files_found"] / elapsed
+    return summary["files_found"] / t["wall"], summary["files_found"] / t["cpu"]
 
 
 def via_flow(params: Params, inputs: Path, out: Path) -> float:
     from flows.score import score_flow
 
     shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    summary = score_flow(params, inputs, out)
-    elapsed = time.perf_counter() - t0
+    with timer() as t:
+        summary = score_flow(params, inputs, out)
     _check_outputs(out, summary)
-    return summary["files_found"] / elapsed
+    return summary["files_found"] / t["wall"], summary["files_found"] / t["cpu"]
 
 
 def _check_outputs(out: Path, summary: dict) -> None:
@@ -163,7 +172,7 @@ def _check_outputs(out: Path, summary: dict) -> None:
 
     df = pd.read_parquet(out / "scores.parquet")
     scored = df[df["status"] == "scored"]
-    assert len(df) == summary["files_found"] and (out / "report.html").exists() or "report" not in summary
+    assert len(df) == summary["files_found"] and (out / "report.html").exists(), "missing rows or report"
     assert all((out / r).is_file() for c in ("json", "overlay", "thumbnail") for r in scored[c]), "missing outputs"
 
 
@@ -171,7 +180,7 @@ def child(args) -> None:
     """Score args.child studies in this process; print throughput and peak RSS (MiB)."""
     work = Path(args.work)
     params = bench_params(work / "models", args.size, args.batch)
-    rate = in_process(params, work / f"studies_{args.child}", work / f"out_{args.child}")
+    rate = in_process(params, work / f"studies_{args.child}", work / f"out_{args.child}")[0]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps({"studies": args.child, "studies_per_s": rate, "peak_rss_mib": peak}))
 
@@ -185,9 +194,9 @@ def profile(args) -> None:
         in_process(params, make_studies(work / "warm", 16, seed=2), work / "out_warm")
         prof = cProfile.Profile()
         prof.enable()
-        rate = in_process(params, inputs, work / "out")
+        rate = in_process(params, inputs, work / "out")[0]
         prof.disable()
-        print(f"{args.profile} studies: {rate:.1f} studies/s; forward only {forward_only(params, inputs, args.batch):.1f}")
+        print(f"{args.profile} studies: {rate:.1f} studies/s; forward only {forward_only(params, inputs, args.batch)[0]:.1f}")
         pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
 
 
@@ -196,9 +205,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128, help="network input size (px), the demo's 128")
     ap.add_argument("--batch", type=int, default=16, help="score.batch_size, the demo's 16")
     ap.add_argument("--studies", type=int, default=1000, help="studies in the end-to-end runs")
-    ap.add_argument("--single-studies", type=int, default=64, help="studies scored one at a time")
-    ap.add_argument("--small", type=int, default=250)
-    ap.add_argument("--large", type=int, default=1000)
+    ap.add_argument("--single-studies", type=int, default=32, help="studies scored one at a time")
+    ap.add_argument("--small", type=int, default=200)
+    ap.add_argument("--large", type=int, default=800)
     ap.add_argument("--profile", type=int)
     ap.add_argument("--child", type=int)
     ap.add_argument("--work")
@@ -215,19 +224,25 @@ def main() -> None:
         inputs = make_studies(work / "studies", args.studies)
         in_process(params, make_studies(work / "warm", 16, seed=2), work / "out_warm")  # first-call costs
 
-        rate_forward = forward_only(params, inputs, args.batch)
-        rate_flow = via_flow(params, inputs, work / "out_flow")
-        rate_e2e = in_process(params, inputs, work / "out")
-        print(f"{args.studies} studies, batch {args.batch}, {args.size} px: forward only {rate_forward:.1f} studies/s; "
-              f"end to end in-process {rate_e2e:.1f} ({rate_e2e / rate_forward:.2f}), through the Prefect flow "
-              f"{rate_flow:.1f} ({rate_flow / rate_forward:.2f})")
+        load = os.getloadavg()[0]
+        # Forward-only before and after the end-to-end runs: their mean is the baseline, so a
+        # change in the machine's load during the run weighs on both sides alike.
+        fwd = [forward_only(params, inputs, args.batch)]
+        rate_flow, cpu_flow = via_flow(params, inputs, work / "out_flow")
+        rate_e2e, cpu_e2e = in_process(params, inputs, work / "out")
+        fwd.append(forward_only(params, inputs, args.batch))
+        rate_forward, cpu_forward = (float(np.mean([f[k] for f in fwd])) for k in (0, 1))
+        print(f"{args.studies} studies, batch {args.batch}, {args.size} px: forward only {rate_forward:.1f} studies/s "
+              f"({fwd[0][0]:.1f} before, {fwd[1][0]:.1f} after); end to end in-process {rate_e2e:.1f} "
+              f"({rate_e2e / rate_forward:.2f}), through the Prefect flow {rate_flow:.1f} ({rate_flow / rate_forward:.2f}); "
+              f"per CPU second: {cpu_e2e / cpu_forward:.2f} and {cpu_flow / cpu_forward:.2f}")
 
         subset = work / "subset"
         subset.mkdir()
         for p in sorted(inputs.iterdir())[: args.single_studies]:
             shutil.copyfile(p, subset / p.name)
-        rate_single = in_process(bench_params(work / "models", args.size, 1), subset, work / "out_single")
-        rate_batched = in_process(params, subset, work / "out_batched")
+        rate_single = in_process(bench_params(work / "models", args.size, 1), subset, work / "out_single")[0]
+        rate_batched = in_process(params, subset, work / "out_batched")[0]
         print(f"{args.single_studies} studies: batched {rate_batched:.1f} studies/s, one at a time {rate_single:.1f}")
 
         memory = {}
@@ -247,6 +262,11 @@ def main() -> None:
         "end_to_end_over_forward": round(rate_e2e / rate_forward, 3),
         "flow_studies_per_s": round(rate_flow, 2),
         "flow_over_forward": round(rate_flow / rate_forward, 3),
+        "forward_only_runs_studies_per_s": [round(f[0], 2) for f in fwd],
+        # Studies per CPU second (all threads): less sensitive to other processes on the machine.
+        "cpu_end_to_end_over_forward": round(cpu_e2e / cpu_forward, 3),
+        "cpu_flow_over_forward": round(cpu_flow / cpu_forward, 3),
+        "load_average_at_start": round(load, 2), "cpu_cores": os.cpu_count(),
         "target_end_to_end_over_forward": 0.5,
         "throughput_studies": args.single_studies,
         "batched_studies_per_s": round(rate_batched, 2), "single_studies_per_s": round(rate_single, 2),

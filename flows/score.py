@@ -28,7 +28,8 @@ TABLE_ROWS = 200
 def _publish(summary: dict, report: Path) -> None:
     rows = run_rows(Path(summary["out_dir"]), summary)
     table = [{k: (None if v != v else v) for k, v in r.items()}  # NaN -> None: artifacts are JSON
-             for r in rows[["study_id", "status", "flagged", "max_flagged_probability", "top_findings", "reason"]]
+             for r in rows[["study_id", "status", "flagged", "max_flagged_probability", "top_findings", "ood_score",
+                         "ood_flag", "reason"]]
              .head(TABLE_ROWS).to_dict("records")]
     create_table_artifact(table=table, key="cxr-score-table",
                           description=f"Scores of run {summary['run_id']} (first {TABLE_ROWS} rows, highest flagged first)")

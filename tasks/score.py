@@ -519,20 +519,26 @@ def plan_scoring(params: Params, input_dir: Path, out_dir: Path, *, models_dir: 
     models_dir = Path(models_dir or params.paths.models)
     manifest = list_studies(input_dir, s.max_bytes)
     registered = check_models(models_dir)  # before anything is written: unregistered weights score nothing
-    validate_score_manifest(manifest.assign(path=manifest["path"].map(str)), s.max_bytes, out_dir / "validation",
-                            source=str(input_dir), docs=s.data_docs)
-    scorer = _scorer(params, models_dir, registered, thresholds_path=thresholds_path)
+    refused = dict(zip(manifest["path"], manifest["reason"]))
+    files = list(manifest["path"])
+    with ThreadPoolExecutor(max(1, workers) + 1) as pool:  # hashers + the gate
+        # The manifest gate (seconds of Great Expectations set-up in a fresh process) runs while
+        # the model loads and the inputs are hashed; nothing is scored until it has passed.
+        gate = pool.submit(validate_score_manifest, manifest.assign(path=manifest["path"].map(str)), s.max_bytes,
+                           out_dir / "validation", source=str(input_dir), docs=s.data_docs)
+        try:
+            scorer = _scorer(params, models_dir, registered, thresholds_path=thresholds_path)
+            # A refused file is never opened, not even to hash it.
+            shas = list(pool.map(lambda p: (refused[p],) if isinstance(refused[p], str) else _sha_or_none(p), files))
+        finally:
+            gate.exception()  # wait for it either way: its result files are written whole
+        gate.result()  # an unkeyable manifest stops the run here
     digest, entry = scorer.digest, scorer.threshold_entry
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(2)
 
     known = read_scores(out_dir)
     done = set(_row_keys(known[known["model_digest"] == digest]))
     todo, seen, keys, already, duplicates = [], set(), [], 0, 0
-    refused = dict(zip(manifest["path"], manifest["reason"]))
-    files = list(manifest["path"])
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        # A refused file is never opened, not even to hash it.
-        shas = list(pool.map(lambda p: (refused[p],) if isinstance(refused[p], str) else _sha_or_none(p), files))
     for path, sha in zip(files, shas):
         study = _Study(path.relative_to(input_dir).as_posix(), path, sha if isinstance(sha, str) else None)
         if not isinstance(sha, str):
@@ -627,7 +633,7 @@ def run_shards(plan: ScorePlan, *, workers: int = 2, stop_after_batches: int | N
     """Score every shard of `plan` in this process, decode -> forward -> write as a pipeline.
 
     `workers` decoder threads keep up to `ahead` batches decoded ahead of the forward pass;
-    `workers` writer threads render and write the pictures and JSON of up to `ahead`
+    2 x `workers` writer threads render and write the pictures and JSON of up to `ahead`
     batches behind it. A batch's part file is written once all its studies' files are, in
     batch order. The first failure (a write error, say) stops the run: batches before it
     keep their parts, the failing batch gets none, and the error is raised.
@@ -639,8 +645,10 @@ def run_shards(plan: ScorePlan, *, workers: int = 2, stop_after_batches: int | N
     results: list[dict] = []
     decoding: deque[list[Future]] = deque()
     writing: deque[tuple[int, list[ScoredStudy], list[Future]]] = deque()
+    # Twice the writers: each study's three files are fsynced (cxr.atomic), and a writer
+    # waiting on the disk holds no core.
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="cxr-decode") as decoders, \
-            ThreadPoolExecutor(max(1, workers), thread_name_prefix="cxr-write") as writers:
+            ThreadPoolExecutor(2 * max(1, workers), thread_name_prefix="cxr-write") as writers:
         try:
             queued = iter(shards)
             for _ in range(ahead):
