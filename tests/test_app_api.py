@@ -248,3 +248,20 @@ def test_a_bounded_load_leaves_no_5xx_no_growth_and_nothing_lost(served):
     store = served["params"].app_store()
     for path in images[:5]:
         assert json.loads((store / "studies" / f"{file_sha256(path)}.json").read_text())["status"] == "scored"
+
+
+def test_without_pixels_no_picture_of_an_upload_is_kept(served):
+    """app.store_pixels off: rows and JSON only; the page shows the numbers and says so."""
+    params = served["params"]
+    store = params.app_store().parent / "store-no-pixels"
+    params = params.model_copy(update={"app": params.app.model_copy(update={"store_pixels": False, "store": store})})
+    with threaded_app(params) as url, httpx.Client(base_url=url, timeout=60) as client:
+        body = post_file(client, DICOM).json()
+        assert body["status"] == "scored"
+        page = client.get(body["page"])
+        assert page.status_code == 200 and 'id="no-pictures"' in page.text
+        assert page.text.count('<tr class="finding') == 14
+        for picture in ("radiograph.png", "crop.png", "cam-0.png", "overlay.png"):
+            assert client.get(f"{body['page']}/{picture}").status_code == 404
+    kept = sorted(p.relative_to(store).parts[0] for p in store.rglob("*") if p.is_file())
+    assert set(kept) <= {"studies", "parts", "scores.parquet"}, kept
