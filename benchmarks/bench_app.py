@@ -14,7 +14,7 @@ hit) unless said otherwise. In one run:
   * throughput: studies/s of 1 client uploading one at a time, and of 8 clients at once (their
     uploads share forward passes: app.batch_window_ms), and the ratio;
   * a repeated upload (answered from the record), p50.
-Writes benchmarks/results/app.json.
+Writes benchmarks/results/app.json (with the machine's load average: it is shared).
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-app-") as tmp:
         tmp = Path(tmp)
         params = bench_params(tmp / "models", 128, 16)
@@ -130,6 +131,9 @@ def main() -> None:
         publish("app", {
             "profile": "demo: resnet18 AG-CNN, 128 px input, overlay_size 384, score.batch_size 16, random registered weights",
             "cpu_cores": os.cpu_count(),
+            # The machine is shared: a 1-minute load average over the core count means other work
+            # took cores during the run, which inflates latency and flattens the client ratio.
+            "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
             "uploads": "distinct synthetic 128 px chest renderings (PNG), POST /api/v1/studies to the real `cxr app`",
             "batch_window_ms": params.app.batch_window_ms, "store_pixels": params.app.store_pixels,
             "latency_ms": {"n": len(timed), "p50": round(float(np.percentile(latencies, 50)), 1),
