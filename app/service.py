@@ -9,7 +9,6 @@ The temporary file is removed either way; the upload itself is never kept.
 from __future__ import annotations
 
 import asyncio
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,9 +18,7 @@ from tasks.score import Scorer
 from app.batching import Batcher
 from app.record import AppRecord
 from app.uploads import Upload
-
-# Anything that looks like an absolute path on this machine, inside a message for a client.
-_ABSOLUTE = re.compile(r"(?<![\w.:/-])/(?:[^\s/'\"(),;]+/)*[^\s/'\"(),;]+")
+from app.views import scrub
 
 
 class AppService:
@@ -78,15 +75,10 @@ class AppService:
             # The row names the upload as its client did: the temporary path is no one's business.
             study.row["source_path"] = upload.filename
             if study.row.get("reason"):
-                study.row["reason"] = self.scrub(study.row["reason"], upload)
+                # The loader's message may name the temporary file: name the client's file instead.
+                study.row["reason"] = scrub(study.row["reason"].replace(str(upload.path), upload.filename))
         return self.record.add(self.scorer, studies)
 
     def _refused(self, upload: Upload, reason: str) -> dict:
         return {"study_id": upload.sha256, "source_path": upload.filename, "sha256": upload.sha256,
                 "model_digest": self.scorer.digest, "status": "rejected", "reason": reason}
-
-    def scrub(self, text: str, upload: Upload | None = None) -> str:
-        """A message with this machine's paths taken out (the upload's temporary file named by its client name)."""
-        if upload is not None:
-            text = text.replace(str(upload.path), upload.filename)
-        return _ABSOLUTE.sub("<path>", text)

@@ -65,10 +65,9 @@ async def receive_files(request: Request, tmp_dir: Path, max_bytes: int, field_n
         raise UploadError(413, f"the request of {int(declared)} bytes is over the upload limit "
                                f"({max_bytes} bytes per file, score.max_bytes)")
     uploads: list[Upload] = []
-    state = {"headers": b"", "field": b"", "value": b"", "current": None, "handle": None, "error": None}
+    state = {"field": b"", "value": b"", "current": None, "handle": None, "error": None}
 
     def on_part_begin():
-        state["headers"] = b""
         state["disposition"] = b""
 
     def on_header_field(data, start, end):

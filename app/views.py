@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cxr.labels import PATHOLOGIES
+from cxr.labels import LABEL_COLUMNS, PATHOLOGIES
 from tasks.overlay import BOX_COLOUR, colormap
 from tasks.score import ScoredStudy
 from app.record import PICTURES
@@ -26,6 +26,7 @@ CAM_PICTURE = re.compile(r"^cam-(\d{1,2})\.png$")
 
 
 def scrub(text):
+    """`text` with anything that looks like an absolute path on this machine replaced by <path>."""
     return _ABSOLUTE.sub("<path>", text) if isinstance(text, str) else text
 
 
@@ -53,7 +54,6 @@ def study_facts(run: Run, row: dict) -> dict:
             return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             pass
-    from cxr.labels import LABEL_COLUMNS
     facts = {k: v for k, v in row.items() if k not in LABEL_COLUMNS and not k.endswith("_flag")}
     facts["probabilities"] = {p: row.get(c) for p, c in zip(PATHOLOGIES, LABEL_COLUMNS)}
     facts["flags"] = {p: row.get(f"{c}_flag") for p, c in zip(PATHOLOGIES, LABEL_COLUMNS)}

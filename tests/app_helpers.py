@@ -3,7 +3,6 @@ configuration, the same app object under uvicorn in a thread), on a free loopbac
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess

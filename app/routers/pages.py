@@ -10,8 +10,8 @@ from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 
 from cxr.labels import PATHOLOGIES
-from app.routers.api import _run, runs_of
-from app.runs import APP_RUN, SORTABLE, clean, find_study, run_rows, study_name
+from app.routers.api import _run
+from app.runs import APP_RUN, SORTABLE, clean, find_study, run_rows
 from app.security import SESSION_COOKIE, safe_next, session_value, signed_in, valid_id
 from app.uploads import UploadError, receive_files
 from app.views import CAM_PICTURE, cam_png, findings, page_path, picture_file, public_facts, study_facts
