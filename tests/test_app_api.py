@@ -156,6 +156,29 @@ def test_the_runs_browser_lists_batch_and_app_runs(served):
     assert any(r["status"] == "scored" for r in app_rows)
 
 
+def test_the_nightly_store_and_its_dated_folders_are_runs(served):
+    """The nightly deployment's layout: a store with scores, and a dated folder per night."""
+    import shutil
+
+    import pandas as pd
+
+    client = served["client"]
+    nightly = served["params"].app.runs[0] / "nightly"
+    shutil.copytree(served["batch"], nightly)
+    night_run = pd.read_parquet(nightly / "scores.parquet")["run_id"].iloc[0]
+    day = nightly / "2026-11-24"
+    day.mkdir()
+    (day / "summary.json").write_text(json.dumps({"run_id": night_run, "message": "2 new studies"}))
+    runs = {r["run_id"]: r for r in _kept(served, client.get("/api/v1/runs")).json()}
+    assert runs["nightly"]["kind"] == "nightly" and runs["nightly~2026-11-24"]["kind"] == "nightly"
+    assert runs["nightly~2026-11-24"]["studies"] == 2
+    studies = _kept(served, client.get("/api/v1/runs/nightly~2026-11-24/studies")).json()["studies"]
+    scored = next(s for s in studies if s["status"] == "scored")
+    assert scored["page"].startswith("/runs/nightly~2026-11-24/studies/")
+    assert _kept(served, client.get(scored["page"])).text.count('<tr class="finding') == 14
+    assert "nightly~2026-11-24" in _kept(served, client.get("/runs")).text
+
+
 @pytest.mark.parametrize("path", [
     "/runs/..%2F..%2F..%2Fetc/studies/passwd", "/runs/app/studies/..%2F..%2Fscores.parquet",
     "/runs/app/studies/.hidden", "/runs/scoring/studies/00000001_000.png/..%2F..%2F..%2Fscores.parquet",
