@@ -115,8 +115,10 @@ def _synthetic_gate(params: Params, digest: str):
     return gate
 
 
-def forward_only(params: Params, inputs: Path, batch: int) -> float:
-    """Studies/s of the AG-CNN forward alone on the studies' network inputs, already in memory."""
+def forward_only(params: Params, inputs: Path, batch: int, limit: int | None = None) -> tuple[float, float]:
+    """(studies per wall second, per CPU second) of the AG-CNN forward alone on the first
+    `limit` studies' network inputs, already in memory: a steady per-batch rate, so a few
+    hundred studies measure it as well as thousands."""
     import torch
 
     from tasks.dataset import to_input
@@ -125,7 +127,8 @@ def forward_only(params: Params, inputs: Path, batch: int) -> float:
     from tasks.weights import load_agcnn
 
     model = load_agcnn(params.paths.models, params)
-    pixels = torch.from_numpy(np.stack([network_pixels(load_image(p), params.model) for p in sorted(inputs.iterdir())]))
+    files = sorted(inputs.iterdir())[:limit]
+    pixels = torch.from_numpy(np.stack([network_pixels(load_image(p), params.model) for p in files]))
     with torch.inference_mode():
         model(to_input(pixels[:batch]))  # first-call costs
         with timer() as t:
@@ -208,6 +211,9 @@ def main() -> None:
     ap.add_argument("--single-studies", type=int, default=32, help="studies scored one at a time")
     ap.add_argument("--small", type=int, default=200)
     ap.add_argument("--large", type=int, default=800)
+    ap.add_argument("--forward-studies", type=int, default=256, help="studies in each forward-only measurement")
+    ap.add_argument("--skip-flow", action="store_true", help="leave out the run through the Prefect flow")
+    ap.add_argument("--skip-memory", action="store_true", help="leave out the peak-memory children")
     ap.add_argument("--profile", type=int)
     ap.add_argument("--child", type=int)
     ap.add_argument("--work")
@@ -227,10 +233,10 @@ def main() -> None:
         load = os.getloadavg()[0]
         # Forward-only before and after the end-to-end runs: their mean is the baseline, so a
         # change in the machine's load during the run weighs on both sides alike.
-        fwd = [forward_only(params, inputs, args.batch)]
-        rate_flow, cpu_flow = via_flow(params, inputs, work / "out_flow")
+        fwd = [forward_only(params, inputs, args.batch, args.forward_studies)]
+        rate_flow, cpu_flow = (float("nan"),) * 2 if args.skip_flow else via_flow(params, inputs, work / "out_flow")
         rate_e2e, cpu_e2e = in_process(params, inputs, work / "out")
-        fwd.append(forward_only(params, inputs, args.batch))
+        fwd.append(forward_only(params, inputs, args.batch, args.forward_studies))
         rate_forward, cpu_forward = (float(np.mean([f[k] for f in fwd])) for k in (0, 1))
         print(f"{args.studies} studies, batch {args.batch}, {args.size} px: forward only {rate_forward:.1f} studies/s "
               f"({fwd[0][0]:.1f} before, {fwd[1][0]:.1f} after); end to end in-process {rate_e2e:.1f} "
@@ -246,13 +252,13 @@ def main() -> None:
         print(f"{args.single_studies} studies: batched {rate_batched:.1f} studies/s, one at a time {rate_single:.1f}")
 
         memory = {}
-        for n in (args.small, args.large):
+        for n in () if args.skip_memory else (args.small, args.large):
             shutil.copytree(inputs, work / f"studies_{n}", ignore=lambda d, names: sorted(names)[n:])
             proc = subprocess.run([sys.executable, __file__, "--child", str(n), "--work", str(work), "--size", str(args.size),
                                    "--batch", str(args.batch)], capture_output=True, text=True, check=True)
             memory[n] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"{n} studies: peak RSS {memory[n]['peak_rss_mib']:.0f} MiB, {memory[n]['studies_per_s']:.1f} studies/s")
-        growth = memory[args.large]["peak_rss_mib"] / memory[args.small]["peak_rss_mib"] - 1
+        growth = memory[args.large]["peak_rss_mib"] / memory[args.small]["peak_rss_mib"] - 1 if memory else None
 
     result = {
         "device": "cpu", "network_input_px": args.size, "study_px": 128, "batch_size": args.batch, "overlay_size": 384,
@@ -260,19 +266,22 @@ def main() -> None:
         "forward_only_studies_per_s": round(rate_forward, 2),
         "end_to_end_studies_per_s": round(rate_e2e, 2),
         "end_to_end_over_forward": round(rate_e2e / rate_forward, 3),
-        "flow_studies_per_s": round(rate_flow, 2),
-        "flow_over_forward": round(rate_flow / rate_forward, 3),
+        "forward_only_studies": args.forward_studies,
+        **({} if args.skip_flow else {"flow_studies_per_s": round(rate_flow, 2),
+                                       "flow_over_forward": round(rate_flow / rate_forward, 3),
+                                       "cpu_flow_over_forward": round(cpu_flow / cpu_forward, 3)}),
         "forward_only_runs_studies_per_s": [round(f[0], 2) for f in fwd],
         # Studies per CPU second (all threads): less sensitive to other processes on the machine.
         "cpu_end_to_end_over_forward": round(cpu_e2e / cpu_forward, 3),
-        "cpu_flow_over_forward": round(cpu_flow / cpu_forward, 3),
         "load_average_at_start": round(load, 2), "cpu_cores": os.cpu_count(),
+        # PASSIVE: idle OpenMP threads sleep instead of spinning, so CPU seconds count work only.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "target_end_to_end_over_forward": 0.5,
         "throughput_studies": args.single_studies,
         "batched_studies_per_s": round(rate_batched, 2), "single_studies_per_s": round(rate_single, 2),
         "batched_over_single": round(rate_batched / rate_single, 2), "target_batched_over_single": 3.0,
-        "peak_rss_mib": {str(n): round(m["peak_rss_mib"], 1) for n, m in memory.items()},
-        "peak_rss_growth": round(growth, 4), "target_peak_rss_growth": 0.10,
+        **({"peak_rss_mib": {str(n): round(m["peak_rss_mib"], 1) for n, m in memory.items()},
+            "peak_rss_growth": round(growth, 4), "target_peak_rss_growth": 0.10} if memory else {}),
         "notes": "forward only: the AG-CNN forward on in-memory uint8 inputs; end to end: decode, precheck, forward, "
                  "OOD gate, rows, overlays, thumbnails, JSON, Parquet, both GE gates and the HTML report "
                  "(in-process score_studies + write_report); flow: the same through the Prefect `score` flow "
