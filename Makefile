@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test ui bench clean corpus
+.PHONY: setup demo test ui app bench clean corpus
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: setup
 ui: setup
 	scripts/prefect-server.sh foreground
 
+# The web app on http://127.0.0.1:8000 (the demo's registered model; CXR_APP_TOKEN to bind elsewhere).
+app: setup
+	$(BIN)/cxr app --host $${CXR_APP_HOST:-127.0.0.1} --port $${CXR_APP_PORT:-8000}
+
 # Every benchmark writes benchmarks/results/<name>.json; run on an otherwise idle machine.
 bench: setup
 	$(BIN)/python benchmarks/bench_ingest_split.py
@@ -41,10 +45,12 @@ bench: setup
 	$(BIN)/python benchmarks/bench_dask_cache.py
 	$(BIN)/python benchmarks/bench_dask_score.py
 
-# The bad-input corpus (generated, never committed): images/DICOMs and faulty metadata CSVs.
+# The bad-input corpus (generated, never committed): images/DICOMs and faulty metadata CSVs,
+# and the out-of-distribution corpus (photos, MR/CT slices, noise, text; near: a turned radiograph).
 corpus: setup
 	$(BIN)/python tests/data/make_bad_corpus.py tests/data/bad/images
 	$(BIN)/python tests/data/make_bad_metadata.py ../shared/data/nih-sample-64/Data_Entry_sample.csv tests/data/bad/metadata
+	$(BIN)/python tests/data/make_ood_corpus.py tests/data/ood --studies ../shared/data/studies
 
 clean:
 	rm -rf data/raw data/interim data/processed data/cache data/models data/metrics data/reports .prefect

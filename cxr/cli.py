@@ -119,6 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("backbones", help="list the backbones as JSON: feature size, parameters, whether ImageNet weights are on this machine (offline)")
     sub.add_parser("serve", help="serve the nightly-scoring Prefect deployment (cron from params; runs until stopped)")
 
+    p = sub.add_parser("app", help="the local web app: upload page, study pages, runs browser and JSON API (loopback by default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs CXR_APP_TOKEN)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+
     p = sub.add_parser("pipeline", help="run the whole DAG in one flow run: data, caches, three stages, evaluation")
     p.add_argument("--metadata", type=Path, help="NIH Data_Entry CSV (default: params data.metadata, else synthesize the demo data)")
     for p in sub.choices.values():
@@ -135,6 +139,18 @@ def _run(args: argparse.Namespace) -> dict | list:
 
     params = load_params(args.params)
     paths = params.paths
+    if args.command == "app":
+        import os
+
+        from app.security import TOKEN_ENV, check_bind
+
+        # Refused before anything heavy loads: another address than loopback needs the token.
+        check_bind(args.host, os.environ.get(TOKEN_ENV) or None)
+        # The app never runs a flow: no Prefect import, the model loads once and serves until stopped.
+        from app.main import serve as serve_app
+
+        serve_app(params, args.host, args.port)
+        return {"served": "app", "host": args.host, "port": args.port}
     # Prefect is imported only once arguments and params are known good: it costs seconds.
     from flows import data
 

@@ -226,6 +226,19 @@ class ScoreParams(_Strict):
     max_bytes: int = Field(200_000_000, ge=1)
     # Longest side of the radiograph panels in the overlay PNGs.
     overlay_size: int = Field(384, ge=64, le=2048)
+    # Out of distribution (tasks/ood.py). Non-radiographs (photos, text, noise, MR/CT slices) are
+    # refused by a model-free precheck unless "off". A radiograph unlike this model's training
+    # data (feature-space distance over the gate's threshold): "reject" refuses it, "flag" scores
+    # it with ood_flag set, "off" checks nothing. Default "flag": the demo model learned from
+    # synthetic images, so every real film is far from its training data, and real films must
+    # stay scoreable (ARCHITECTURE.md, "Out of distribution has two degrees").
+    ood: Literal["reject", "flag", "off"] = "flag"
+    # Target false-rejection rate of the feature gate on the validation split (its threshold).
+    ood_false_rejection: float = Field(0.01, gt=0, lt=0.5)
+    # false: no overlay or thumbnail PNGs (rows, JSON, Parquet and the report still written).
+    pictures: bool = True
+    # Data Docs of the score gates: rebuilt only when a suite's outcome changes ("changed"), or every run.
+    data_docs: Literal["changed", "always"] = "changed"
 
 
 class NightlyParams(_Strict):
@@ -234,6 +247,22 @@ class NightlyParams(_Strict):
     cron: str = "0 2 * * *"
     # IANA name; empty means the machine's local time zone.
     timezone: str = ""
+
+
+class AppParams(_Strict):
+    """The local web app (`cxr app`): uploads scored one at a time by people or integrations."""
+
+    # Uploads arriving within this many milliseconds of the first waiting one share one forward
+    # pass (at most score.batch_size studies); 0 scores each upload alone.
+    batch_window_ms: int = Field(15, ge=0, le=2000)
+    # False: the app run keeps rows and per-study JSON only, never a picture of an upload
+    # (for sites that must not keep images); the study page then shows the numbers alone.
+    store_pixels: bool = True
+    # The app's own run record (rows, per-study JSON, pictures); unset: paths.reports/app.
+    store: Path | None = None
+    # Folders searched for scoring runs (`cxr score` outputs, the nightly store and its dated
+    # folders) shown in the runs browser; empty: paths.reports.
+    runs: tuple[Path, ...] = ()
 
 
 class DataParams(_Strict):
@@ -261,6 +290,7 @@ class Params(_Strict):
     score: ScoreParams = ScoreParams()
     nightly: NightlyParams = NightlyParams()
     dask: DaskParams = DaskParams()
+    app: AppParams = AppParams()
 
     @model_validator(mode="before")
     @classmethod
@@ -284,6 +314,23 @@ class Params(_Strict):
             if value is not None:
                 self.paths.confine(f"data.{name}", value)
         return self
+
+
+    @model_validator(mode="after")
+    def _app_folders_confined(self):
+        if self.app.store is not None:
+            self.paths.confine("app.store", self.app.store)
+        for i, folder in enumerate(self.app.runs):
+            self.paths.confine(f"app.runs[{i}]", folder)
+        return self
+
+    def app_store(self) -> Path:
+        """The app's run record folder."""
+        return Path(self.app.store or Path(self.paths.reports) / "app")
+
+    def app_runs(self) -> tuple[Path, ...]:
+        """Folders the runs browser searches."""
+        return tuple(self.app.runs) or (Path(self.paths.reports),)
 
 
 def load_params(path: str | Path | None = "params.yaml") -> Params:

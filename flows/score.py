@@ -1,9 +1,10 @@
 """Scoring flow: score new studies, write the HTML report, show the results in the Prefect UI.
 
-plan (manifest, registry and manifest gates, hashes) -> one mapped task per shard (one batch,
-one part file) -> finish (fold the parts behind the scores gate) -> report. `score` runs the
-flow on the task runner params ask for (`dask:`): shards fan out to Dask worker processes,
-each loading the weights once, with the same scores as the in-process run.
+plan (manifest, registry and manifest gates, hashes) -> the shards (one batch, one part file
+each) -> finish (fold the parts behind the scores gate) -> report. In-process, the shards run
+as one pipelined task (decode, forward and write overlap); with `dask:` enabled, `score`
+maps one task per shard over Dask worker processes, each loading the weights once, with the
+same scores as the in-process run. Both go through `tasks.score.Scorer`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from cxr.config import Params
 from flows.runner import task_runner
-from tasks.prefect_tasks import finish_scoring_task, plan_scoring_task, report_task, score_shard_task
+from tasks.prefect_tasks import (finish_scoring_task, plan_scoring_task, report_task, run_shards_task,
+                                 score_shard_task)
 from tasks.report import NOT_A_DEVICE, run_rows
 
 # A table artifact is for a glance; the report and scores.parquet hold every study.
@@ -26,7 +28,8 @@ TABLE_ROWS = 200
 def _publish(summary: dict, report: Path) -> None:
     rows = run_rows(Path(summary["out_dir"]), summary)
     table = [{k: (None if v != v else v) for k, v in r.items()}  # NaN -> None: artifacts are JSON
-             for r in rows[["study_id", "status", "flagged", "max_flagged_probability", "top_findings", "reason"]]
+             for r in rows[["study_id", "status", "flagged", "max_flagged_probability", "top_findings", "ood_score",
+                         "ood_flag", "reason"]]
              .head(TABLE_ROWS).to_dict("records")]
     create_table_artifact(table=table, key="cxr-score-table",
                           description=f"Scores of run {summary['run_id']} (first {TABLE_ROWS} rows, highest flagged first)")
@@ -48,8 +51,11 @@ def score_flow(params: Params, input_dir: Path, out_dir: Path, models_dir: Path 
 
     plan = plan_scoring_task(params, Path(input_dir), Path(out_dir), models_dir=models_dir)
     results = []
-    if plan.shards:
+    if plan.shards and params.dask.enabled:
         results = score_shard_task.map(unmapped(plan.context), range(len(plan.shards)), plan.shards).result()
+    elif plan.shards:
+        # In this process: one pipelined task, so the forward pass never waits on decoding or writing.
+        results = run_shards_task(plan)
     summary = finish_scoring_task(plan, results)
     report = report_task(Path(out_dir), summary)
     _publish(summary, report)

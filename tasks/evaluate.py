@@ -217,6 +217,7 @@ def evaluate(params: Params, *, truth_boxes: list[Path] | None = None) -> dict:
     report["validation"] = {"images": len(valid.ids), "branches": split_figures(y_valid, valid_probs, b, seed),
                             "fusion_minus_global": fusion_vs_global(y_valid, valid_probs, b, seed)}
     report["test_fusion_minus_global"] = fusion_vs_global(y, probs, b, seed)
+    report["ood"] = ood_detector(params, model, test, device)
     report["published"] = [{"method": m, "mean_auroc": v, "note": "published on the official ChestX-ray14 split; other data and hardware"} for m, v in PUBLISHED]
 
     metrics = Path(paths.metrics)
@@ -226,6 +227,7 @@ def evaluate(params: Params, *, truth_boxes: list[Path] | None = None) -> dict:
         **{f"{b}_any_finding_auroc": report["branches"][b]["any_finding"]["auroc"] for b in BRANCHES
            if isinstance(report["branches"][b]["any_finding"], dict)},
         **{f"localization_{k.split('.')[0]}_mean_iou": v.get("mean_iou") for k, v in report["localization"].items() if v["images"]},
+        **ood_metrics(report["ood"]),
     })
     atomic_write_json(metrics / "evaluate_detail.json", report)
     record_evaluation(Path(paths.models), report)
@@ -259,6 +261,7 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Localization: attention box vs true lesion box", "", "| boxes | images | mean IoU | IoU≥0.1 | IoU≥0.3 |", "| --- | --- | --- | --- | --- |"]
         for name, v in report["localization"].items():
             lines.append(f"| {name} | {v['images']} | {v.get('mean_iou', 'n/a')} | {v.get('iou_at_0.1', 'n/a')} | {v.get('iou_at_0.3', 'n/a')} |")
+    lines += render_ood(report.get("ood"))
     return "\n".join(lines) + "\n"
 
 
@@ -300,3 +303,158 @@ def validation_markdown(report: dict) -> list[str]:
             else:
                 lines.append(f"- On the {split} split, fusion minus global {what}: {d['difference']:+.3f}{interval}.")
     return lines + [""]
+# --------------------------------------------------------------------------- out-of-distribution detector
+
+# Real radiographs the demo model never saw: the shared NIH sample beside a checkout (may be absent).
+REAL_SAMPLE_IMAGES = 200
+
+
+def _pooled(model, pixels: torch.Tensor, device, batch: int) -> torch.Tensor:
+    """(N, S, S) uint8 network input -> (N, C) global-branch pooled features (the gate's input)."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), batch):
+            out.append(model.global_branch(to_input(pixels[start : start + batch], device)).pooled.float().cpu())
+    return torch.cat(out) if out else torch.empty((0, 0))
+
+
+def _screen_files(paths: list[Path], params: Params, model, gate, device) -> list[dict]:
+    """Each file through the loader, the precheck and the gate, as scoring sees it."""
+    from cxr.errors import DataError
+    from tasks.dataset import center_crop
+    from tasks.images import load_image, to_uint8
+    from tasks.ood import precheck
+
+    rows, pixels = [], []
+    for path in paths:
+        facts: dict = {}
+        try:
+            image = load_image(path, facts=facts)
+        except DataError as exc:
+            rows.append({"file": path.name, "refused_by": "loader", "reason": str(exc), "ood_score": None})
+            continue
+        why = precheck(image, facts)
+        rows.append({"file": path.name, "refused_by": "precheck" if why else None, "reason": why, "ood_score": None})
+        pixels.append((len(rows) - 1, torch.from_numpy(to_uint8(image, params.model.load_size))))
+    if gate is not None and pixels:
+        batch = center_crop(torch.stack([p for _, p in pixels]), params.model.image_size)
+        dist = gate.score(_pooled(model, batch, device, params.train.fusion.batch_size))
+        for (i, _), d in zip(pixels, dist):
+            rows[i]["ood_score"] = round(float(d), 3)
+            rows[i]["over_threshold"] = bool(d > gate.threshold)
+            if rows[i]["refused_by"] is None and d > gate.threshold and params.score.ood == "reject":
+                rows[i].update(refused_by="gate", reason=gate.reason(float(d)))
+    return rows
+
+
+def ood_detector(params: Params, model, test, device) -> dict:
+    """The out-of-distribution detector on the test split (false rejections), on the generated
+    non-chest corpus (detection; near cases apart) and, when the shared NIH sample is there, on
+    real radiographs. `refused` follows score.ood: the precheck refuses under reject and flag,
+    the gate only under reject; `flagged` counts gate distances over the threshold."""
+    import tempfile
+
+    from cxr.errors import DataError
+    from tasks.ood import load_gate, precheck
+    from tasks.images import load_image
+    from tasks.ood_corpus import FAR, NEAR, SHARED_STUDIES, make_ood_corpus
+
+    mode, models = params.score.ood, Path(params.paths.models)
+    try:
+        gate = load_gate(models, model_digest(models))
+    except DataError as exc:
+        return {"mode": mode, "error": str(exc)}
+    report: dict = {"mode": mode, "gate": None if gate is None else {
+        "method": gate.method, "threshold": round(gate.threshold, 3), "target_false_rejection": gate.false_rejection,
+        "valid_false_rejection": round(gate.valid_false_rejection, 4)}}
+    if mode == "off":
+        return report
+
+    # Test split: the precheck on each file as stored, the gate on the evaluation's own input.
+    images = Path(params.paths.images)
+    pre = []
+    for image_id in test.ids:
+        facts: dict = {}
+        pre.append(precheck(load_image(images / image_id, facts=facts), facts) is not None)
+    pre = np.array(pre, dtype=bool)
+    over = np.zeros_like(pre)
+    if gate is not None:
+        over = gate.score(_pooled(model, test.pixels, device, params.train.fusion.batch_size)) > gate.threshold
+    refused = pre | (over if mode == "reject" else False)
+    n = max(len(test.ids), 1)
+    report["test"] = {"images": len(test.ids), "precheck_refused": int(pre.sum()), "gate_over_threshold": int(over.sum()),
+                      "refused": int(refused.sum()), "false_rejection_rate": round(float(refused.sum()) / n, 4),
+                      "flag_rate": round(float(over.sum()) / n, 4)}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = make_ood_corpus(tmp, SHARED_STUDIES if (SHARED_STUDIES / "00000001_000.png").exists() else None)
+        rows = _screen_files([Path(tmp) / name for name in sorted(manifest)], params, model, gate, device)
+    report["corpus"] = {"items": {r["file"]: {**{k: v for k, v in r.items() if k != "file"}, "kind": manifest[r["file"]]}
+                                  for r in rows}}
+    for kind in (FAR, NEAR):
+        items = [r for r in report["corpus"]["items"].values() if r["kind"] == kind]
+        if items:
+            detected = sum(r["refused_by"] is not None for r in items)
+            report["corpus"][kind] = {"items": len(items), "refused": detected, "detection_rate": round(detected / len(items), 4),
+                                      "flagged_or_refused": sum(r["refused_by"] is not None or r.get("over_threshold", False) for r in items)}
+    if "near" not in report["corpus"]:
+        report["corpus"]["near_skipped"] = f"the shared radiograph {SHARED_STUDIES / '00000001_000.png'} is absent"
+
+    # Real radiographs from outside this model's training data (the demo model learned from synthetic images).
+    sample = SHARED_STUDIES.parent / "nih-sample-64" / "images"
+    if params.data.metadata is None and sample.is_dir():
+        paths = sorted(sample.glob("*.png"))[:REAL_SAMPLE_IMAGES]
+        rows = _screen_files(paths, params, model, gate, device)
+        n = max(len(rows), 1)
+        report["real_sample"] = {"images": len(rows), "refused": sum(r["refused_by"] is not None for r in rows),
+                                 "scored_rate": round(sum(r["refused_by"] is None for r in rows) / n, 4),
+                                 "flagged": sum(bool(r.get("over_threshold")) for r in rows),
+                                 "precheck_refused": sum(r["refused_by"] == "precheck" for r in rows)}
+    return report
+
+
+def ood_metrics(ood: dict) -> dict:
+    """The detector's headline numbers for evaluate.json."""
+    out = {}
+    if "test" in ood:
+        out["ood_test_false_rejection"] = ood["test"]["false_rejection_rate"]
+        out["ood_test_flag_rate"] = ood["test"]["flag_rate"]
+    for kind in ("far", "near"):
+        if kind in ood.get("corpus", {}):
+            out[f"ood_{kind}_detection"] = ood["corpus"][kind]["detection_rate"]
+    if "real_sample" in ood:
+        out["ood_real_sample_scored"] = ood["real_sample"]["scored_rate"]
+    return out
+
+
+def render_ood(ood: dict | None) -> list[str]:
+    if not ood:
+        return []
+    lines = ["", "## Out-of-distribution detector", ""]
+    if "error" in ood:
+        return lines + [f"Not evaluated: {ood['error']}"]
+    gate = ood.get("gate")
+    lines.append(f"`score.ood: {ood['mode']}`. " + ("No feature gate stored with these weights (precheck only)." if gate is None else
+                 f"Feature gate: {gate['method']}, threshold {gate['threshold']} (target {gate['target_false_rejection']:.0%} "
+                 f"false rejections on the validation split, achieved {gate['valid_false_rejection']:.1%})."))
+    if "test" in ood:
+        t = ood["test"]
+        lines += ["", f"Test split: {t['images']} images, {t['refused']} refused (false-rejection rate {t['false_rejection_rate']:.1%}; "
+                  f"precheck {t['precheck_refused']}, gate over threshold {t['gate_over_threshold']}, flag rate {t['flag_rate']:.1%})."]
+    corpus = ood.get("corpus", {})
+    for kind, title in (("far", "Not a chest radiograph (far)"), ("near", "A radiograph shown the wrong way (near)")):
+        if kind in corpus:
+            c = corpus[kind]
+            lines += ["", f"**{title}**: {c['refused']} of {c['items']} refused (detection rate {c['detection_rate']:.0%}), "
+                      f"{c['flagged_or_refused']} refused or flagged.", "", "| file | refused by | gate distance | reason |", "| --- | --- | --- | --- |"]
+            for name, r in corpus["items"].items():
+                if r["kind"] == kind:
+                    reason = (r["reason"] or "").replace("|", "/")
+                    lines.append(f"| {name} | {r['refused_by'] or '-'} | {r['ood_score'] if r['ood_score'] is not None else '-'} | {reason} |")
+    if "near_skipped" in corpus:
+        lines += ["", f"Near cases skipped: {corpus['near_skipped']}."]
+    if "real_sample" in ood:
+        r = ood["real_sample"]
+        lines += ["", f"Real NIH radiographs (never seen by this model): {r['images']} images, {r['scored_rate']:.0%} scored, "
+                  f"{r['flagged']} flagged by the gate, {r['precheck_refused']} refused by the precheck."]
+    return lines

@@ -103,14 +103,22 @@ def sniff_kind(path: str | os.PathLike) -> str:
     )
 
 
-def load_image(path: str | os.PathLike, limits: LoaderLimits = _DEFAULT_LIMITS) -> np.ndarray:
-    """Load a radiograph as grayscale float32 of shape (H, W) with values in [0, 1]."""
+def load_image(path: str | os.PathLike, limits: LoaderLimits = _DEFAULT_LIMITS, *, facts: dict | None = None) -> np.ndarray:
+    """Load a radiograph as grayscale float32 of shape (H, W) with values in [0, 1].
+
+    With `facts` (a dict), also fill in model-free facts seen while decoding, for
+    `tasks.ood.precheck`: "format" (png/jpeg/dicom), "channels" (1 gray, 3 colour),
+    "colourfulness" (Hasler-Suesstrunk on 0..255, 0.0 for grayscale), "modality" and
+    "body_part" (DICOM tags, None when absent or not DICOM).
+    """
     path = Path(path)
     kind = sniff_kind(path)
+    if facts is not None:
+        facts.update(format=kind, channels=1, colourfulness=0.0, modality=None, body_part=None)
     if kind == "dicom":
-        arr = _load_dicom(path, limits)
+        arr = _load_dicom(path, limits, facts)
     else:
-        arr = _load_pillow(path, kind, limits)
+        arr = _load_pillow(path, kind, limits, facts)
     arr = np.clip(arr, 0.0, 1.0, out=arr)
     return np.ascontiguousarray(arr, dtype=np.float32)
 
@@ -242,7 +250,7 @@ def _header_dims(path: Path, kind: str) -> tuple[int, int] | None:
 # --------------------------------------------------------------------------- PNG / JPEG
 
 
-def _load_pillow(path: Path, kind: str, limits: LoaderLimits) -> np.ndarray:
+def _load_pillow(path: Path, kind: str, limits: LoaderLimits, facts: dict | None = None) -> np.ndarray:
     where = str(path)
     fmt = "PNG" if kind == "png" else "JPEG"
     with _open_pillow(path, kind, fmt, limits) as im:
@@ -260,7 +268,7 @@ def _load_pillow(path: Path, kind: str, limits: LoaderLimits) -> np.ndarray:
             im.load()
             if kind == "jpeg":
                 im = ImageOps.exif_transpose(im)  # a camera's orientation tag, if any
-            return _pil_to_gray(im, path)
+            return _pil_to_gray(im, path, facts)
         except _PIL_DECODE_ERRORS as exc:
             raise DataError(f"truncated or corrupt image ({_brief(exc)})", where=where) from None
 
@@ -291,7 +299,15 @@ def _open_pillow(path: Path, kind: str, fmt: str, limits: LoaderLimits) -> Image
         raise DataError(f"truncated or corrupt image ({_brief(exc)})", where=where) from None
 
 
-def _pil_to_gray(im: Image.Image, path: Path) -> np.ndarray:
+def _colour_facts(rgb: np.ndarray, facts: dict | None) -> None:
+    """Record the colour facts of an (H, W, >=3) uint8 image (gray stored as RGB scores 0)."""
+    if facts is not None:
+        from tasks.ood import colourfulness
+
+        facts.update(channels=3, colourfulness=colourfulness(rgb))
+
+
+def _pil_to_gray(im: Image.Image, path: Path, facts: dict | None = None) -> np.ndarray:
     mode = im.mode
     if mode == "L":
         return np.asarray(im, dtype=np.float64) / 255.0
@@ -312,13 +328,19 @@ def _pil_to_gray(im: Image.Image, path: Path) -> np.ndarray:
             )
         return arr / 65535.0
     if mode in ("RGB", "RGBA", "RGBX", "RGBa"):
-        return _luma(np.asarray(im)) / 255.0
+        rgb = np.asarray(im)
+        _colour_facts(rgb, facts)
+        return _luma(rgb) / 255.0
     if mode == "P" and "transparency" not in im.info:
-        return _luma(np.asarray(im.convert("RGB"))) / 255.0
+        rgb = np.asarray(im.convert("RGB"))
+        _colour_facts(rgb, facts)
+        return _luma(rgb) / 255.0
     # P with transparency, PA, CMYK, YCbCr, LAB, HSV, F, ...: let Pillow go via RGB(A).
     if mode == "F":
         raise DataError("32-bit float pixels are not supported in PNG/JPEG input", where=str(path))
-    return _luma(np.asarray(im.convert("RGBA"))) / 255.0
+    rgb = np.asarray(im.convert("RGBA"))
+    _colour_facts(rgb, facts)
+    return _luma(rgb) / 255.0
 
 
 # --------------------------------------------------------------------------- DICOM
@@ -359,7 +381,7 @@ def _first(value):
     return value
 
 
-def _load_dicom(path: Path, limits: LoaderLimits) -> np.ndarray:
+def _load_dicom(path: Path, limits: LoaderLimits, facts: dict | None = None) -> np.ndarray:
     import pydicom
     from pydicom.pixels import pixel_array
 
@@ -385,6 +407,8 @@ def _load_dicom(path: Path, limits: LoaderLimits) -> np.ndarray:
     except errors as exc:
         raise DataError(f"corrupt DICOM header ({_brief(exc)})", where=where) from None
 
+    if facts is not None:
+        facts.update(modality=header.modality or None, body_part=header.body_part or None)
     if not header.has_pixels:
         raise DataError("DICOM has no pixel data", where=where)
     if header.modality and header.modality not in RADIOGRAPH_MODALITIES:
@@ -416,7 +440,9 @@ def _load_dicom(path: Path, limits: LoaderLimits) -> np.ndarray:
             if header.samples >= 3 or frame.ndim == 3:
                 if frame.ndim != 3 or frame.shape[-1] < 3:
                     raise DataError(f"DICOM colour frame has unexpected shape {frame.shape}", where=where)
-                gray = _luma(frame) / float(2 ** min(header.bits_stored, header.bits_allocated) - 1)
+                maxval = float(2 ** min(header.bits_stored, header.bits_allocated) - 1)
+                _colour_facts(frame * (255.0 / maxval), facts)
+                gray = _luma(frame) / maxval
             elif photometric in ("MONOCHROME1", "MONOCHROME2"):
                 gray = _dicom_gray(frame, ds, header)
                 if photometric == "MONOCHROME1":
@@ -425,6 +451,7 @@ def _load_dicom(path: Path, limits: LoaderLimits) -> np.ndarray:
                 from pydicom.pixels import apply_color_lut
 
                 rgb = apply_color_lut(frame, ds)
+                _colour_facts(rgb * (255.0 / float(np.iinfo(rgb.dtype).max)), facts)
                 gray = _luma(rgb) / float(np.iinfo(rgb.dtype).max)
             else:
                 raise DataError(f"unsupported DICOM Photometric Interpretation {photometric!r}", where=where)
@@ -443,6 +470,7 @@ def _load_dicom(path: Path, limits: LoaderLimits) -> np.ndarray:
 class _DicomHeader:
     has_pixels: bool
     modality: str
+    body_part: str
     missing: tuple[str, ...]
     rows: int
     columns: int
@@ -461,6 +489,7 @@ class _DicomHeader:
             # Float/Double Float Pixel Data are parametric maps, never radiographs.
             has_pixels="PixelData" in ds,
             modality=str(ds.get("Modality", "") or "").strip().upper(),
+            body_part=str(ds.get("BodyPartExamined", "") or "").strip(),
             missing=missing,
             rows=int(ds.get("Rows") or 0),
             columns=int(ds.get("Columns") or 0),

@@ -97,6 +97,14 @@ def score_shard_task(context, index: int, studies) -> dict:
     return score_shard(context, index, studies, workers=1 if on_worker else 2)
 
 
+@_task("score-shards")
+def run_shards_task(plan) -> list[dict]:
+    """Every shard of an in-process run, pipelined (decode -> forward -> write) in one task."""
+    from tasks.score import run_shards
+
+    return run_shards(plan)
+
+
 @_task("finish-scoring")
 def finish_scoring_task(plan, results: list[dict]) -> dict:
     from tasks.score import finish_scoring

@@ -3,8 +3,10 @@ refuses to score with weights that are not the registered ones.
 
 `data/models/registry.json` records, per model (the digest of its three weight files), each
 stage's file digest, the backbone, the labels and the training data version (digests of the
-metadata and the split it was trained on). Scoring checks the files on disk against it, so a
-weight file swapped in from somewhere else is refused instead of silently used.
+metadata and the split it was trained on) and its out-of-distribution gate (tasks/ood.py,
+fitted here on the train split's global features, stored beside the weights). Scoring checks
+the files on disk against it, so a weight file swapped in from somewhere else is refused
+instead of silently used.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 from cxr.atomic import atomic_write_json
 from cxr.errors import DataError
+from tasks.ood import GATE_FILE, OODGate, fit_gate, save_gate
 from tasks.weights import STAGES, digest_file, load_weights, model_digest
 
 REGISTRY = "registry.json"
@@ -63,9 +68,32 @@ def register(params) -> dict:
         "training_data_version": data_version(params.paths.processed, params.paths.interim),
         "stages": stages, "registered_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    # The out-of-distribution gate is fitted for exactly these weights, before they become current.
+    gate = fit_model_gate(params, digest)
+    registry["models"][digest]["ood_gate"] = {"file": GATE_FILE, "method": gate.method, "threshold": gate.threshold,
+                                              "false_rejection": gate.false_rejection,
+                                              "valid_false_rejection": gate.valid_false_rejection}
     registry["current"] = digest
     atomic_write_json(models_dir / REGISTRY, registry)
     return registry["models"][digest]
+
+
+def fit_model_gate(params, digest: str) -> OODGate:
+    """Fit the out-of-distribution gate on the crop cache's global pooled features (the plain
+    view, as scoring sees it) of the train split, threshold it on the valid split, and store it
+    beside the weights bound to `digest`."""
+    from tasks.crop_cache import ensure_crop_cache
+    from tasks.split import read_splits
+
+    cache = ensure_crop_cache(params)  # already up to date after stage III; rebuilt if stale
+    splits = read_splits(Path(params.paths.processed) / "splits.parquet")
+    pooled = {}
+    for split in ("train", "valid"):
+        ids = [i for i in splits.loc[splits["split"] == split, "image_id"] if i in cache]
+        pooled[split] = cache.get("pooled", cache.rows(ids))[:, 0] if ids else np.empty((0, 0), np.float32)
+    gate = fit_gate(pooled["train"], pooled["valid"], digest, params.score.ood_false_rejection)
+    save_gate(Path(params.paths.models), gate)
+    return gate
 
 
 def verify(models_dir: Path) -> dict:

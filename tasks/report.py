@@ -44,6 +44,8 @@ def render_html(summary: dict, rows: pd.DataFrame, base: str = "") -> str:
     scored = rows[rows["status"] == "scored"]
     rejected = rows[rows["status"] == "rejected"]
     flagged = scored[scored["flagged"].fillna("") != ""]
+    unusual = scored[scored["ood_flag"].fillna(False).astype(bool)]
+    ood = summary.get("ood") or {}
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>cxr scoring run {_e(summary['run_id'])}</title>",
            f"<style>{_CSS}</style></head><body>", f"<h1>Chest X-ray scoring run {_e(summary['run_id'])}</h1>",
            f"<p class='warn'><strong>{_e(NOT_A_DEVICE)}</strong></p>", "<h2>Summary</h2>",
@@ -57,7 +59,10 @@ def render_html(summary: dict, rows: pd.DataFrame, base: str = "") -> str:
            f"<li>model: AG-CNN, backbone {_e(summary.get('backbone'))}; training data version (registry: metadata, "
            f"split and class weights) <code>{_e(summary.get('training_data_version'))}</code></li>",
            f"<li>thresholds' data version (sha256 of splits.parquet): <code>{_e(summary['data_version'])}</code></li>",
-           f"<li>operating thresholds: {_e(summary['threshold_rule'])}, chosen on the validation split</li></ul>",
+           f"<li>operating thresholds: {_e(summary['threshold_rule'])}, chosen on the validation split</li>",
+           f"<li>out-of-distribution check (score.ood {_e(ood.get('mode'))}): "
+           + (f"{_e(ood['gate'])}, threshold {ood['threshold']:.2f}" if ood.get("gate") else "no feature gate for these weights")
+           + f"; {len(unusual)} scored studies marked out of distribution</li></ul>",
            "<h2>Studies, highest flagged probability first</h2>"]
     if scored.empty:
         out.append("<p>No scored studies.</p>")
@@ -67,6 +72,8 @@ def render_html(summary: dict, rows: pd.DataFrame, base: str = "") -> str:
         for row in scored.itertuples(index=False):
             probs = sorted(((getattr(row, c), p) for p, c in zip(PATHOLOGIES, LABEL_COLUMNS)), reverse=True)[:3]
             flags = _e(row.flagged) or "none"
+            if pd.notna(row.ood_flag) and bool(row.ood_flag):  # score.ood "flag": scored, but unlike the training data
+                flags += f"<br><em title='{_e(row.reason)}'>out of distribution (score {row.ood_score:.1f})</em>"
             box = ", ".join(str(int(getattr(row, c))) for c in ("box_y0", "box_x0", "box_y1", "box_x1"))
             out.append(
                 f"<tr><td><a href='{base}{_e(row.json)}'>{_e(row.study_id)}</a></td>"

@@ -36,6 +36,7 @@ fail the gate: the caller turns those rows into rejected rows itself.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -229,7 +230,7 @@ def validate_split(splits: pd.DataFrame, ratios: dict[str, float], tolerance: fl
 
 
 def validate_score_manifest(manifest: pd.DataFrame, max_bytes: int, out_dir: Path, *,
-                            source: str = "input folder") -> dict:
+                            source: str = "input folder", docs: str = "always") -> dict:
     """Run suite "score_manifest" on (study_id, path, size_bytes, output_name, inside).
 
     Raises DataError only for failures that make the listing unusable as a whole; files
@@ -237,12 +238,18 @@ def validate_score_manifest(manifest: pd.DataFrame, max_bytes: int, out_dir: Pat
     `rejected`) and left to the caller to reject.
     """
     frame = manifest.reset_index(drop=True).copy()
-    return _run("score_manifest", frame, out_dir, source, {"max_bytes": int(max_bytes)})
+    return _run("score_manifest", frame, out_dir, source, {"max_bytes": int(max_bytes)}, docs)
 
 
-def validate_scores(scores: pd.DataFrame, out_dir: Path, *, source: str = "scores") -> dict:
-    """Run suite "scores" on the table about to be published (with its row `key`); DataError if it fails."""
-    return _run("scores", scores.reset_index(drop=True).copy(), out_dir, source, {})
+def validate_scores(scores: pd.DataFrame, out_dir: Path, *, source: str = "scores", docs: str = "always") -> dict:
+    """Run suite "scores" on the table about to be published (with its row `key`); DataError if it fails.
+
+    Only the columns the suite reads are handed to GE: its cost grows with rows, not with
+    the width of the scores table.
+    """
+    frame = scores.reset_index(drop=True)
+    frame = frame[[c for c in SCORES_COLUMNS if c in frame.columns]].copy()
+    return _run("scores", frame, out_dir, source, {}, docs)
 
 
 def _splits_of_patient(frame: pd.DataFrame) -> pd.Series:
@@ -261,12 +268,18 @@ def _splits_of_patient(frame: pd.DataFrame) -> pd.Series:
     return out
 
 
-def _run(suite: str, frame: pd.DataFrame, out_dir: Path, source: str, params: dict) -> dict:
+def _run(suite: str, frame: pd.DataFrame, out_dir: Path, source: str, params: dict, docs: str = "always") -> dict:
+    """Validate `frame` with `suite`; write its result JSON and Data Docs under `out_dir`.
+
+    docs "always" rebuilds Data Docs every run; "changed" only when the suite's outcome (which
+    expectations pass, and the failures' counts) differs from the one its pages show, or they
+    are missing: a clean run's outcome rarely changes, and a docs build costs seconds.
+    """
     with _LOCK:
-        return _run_locked(suite, frame, out_dir, source, params)
+        return _run_locked(suite, frame, out_dir, source, params, docs)
 
 
-def _run_locked(suite: str, frame: pd.DataFrame, out_dir: Path, source: str, params: dict) -> dict:
+def _run_locked(suite: str, frame: pd.DataFrame, out_dir: Path, source: str, params: dict, docs: str = "always") -> dict:
     ctx = _context()
     definition = ctx.validation_definitions.get(suite)
     result = definition.run(batch_parameters={"dataframe": frame}, expectation_parameters=params,
@@ -274,7 +287,7 @@ def _run_locked(suite: str, frame: pd.DataFrame, out_dir: Path, source: str, par
     out_dir = Path(out_dir).resolve()  # GE site stores insist on absolute paths
     payload = result.to_json_dict()
     atomic_write_json(out_dir / f"{suite}_validation.json", payload)
-    _build_docs(ctx, out_dir, suite, result)
+    _build_docs(ctx, out_dir, suite, result, _outcome(payload) if docs == "changed" else None)
     summary = {
         "suite": suite,
         # GE's own success also counts failures tagged "reject"; the gate does not.
@@ -303,12 +316,28 @@ def _run_locked(suite: str, frame: pd.DataFrame, out_dir: Path, source: str, par
     return summary
 
 
-def _build_docs(ctx, out_dir: Path, suite: str, result) -> None:
-    """Render Data Docs for this out_dir's latest result of each suite into out_dir/data_docs."""
+def _outcome(payload: dict) -> list:
+    """What a suite's Data Docs page says, less run ids and timings: each expectation's verdict
+    and, for a failure, how many rows failed it."""
+    return sorted([r["expectation_config"]["type"], r["expectation_config"].get("description") or "",
+                   r["success"], None if r["success"] else r["result"].get("unexpected_count")]
+                  for r in payload["results"])
+
+
+def _build_docs(ctx, out_dir: Path, suite: str, result, outcome: list | None = None) -> None:
+    """Render Data Docs for this out_dir's latest result of each suite into out_dir/data_docs.
+
+    With an `outcome`, the build is skipped when the pages already show that outcome for
+    this suite (recorded in data_docs/.outcomes.json beside them).
+    """
     store = ctx.validation_results_store
     mine = _DOCS.setdefault(str(out_dir.resolve()), {})
     mine[suite] = (next(k for k in store.list_keys() if k.run_id == result.meta["run_id"]
                         and k.expectation_suite_identifier.name == suite), result)
+    record = out_dir / "data_docs" / ".outcomes.json"
+    shown = json.loads(record.read_text()) if record.exists() else {}
+    if outcome is not None and shown.get(suite) == outcome and (out_dir / "data_docs" / "index.html").exists():
+        return
     # The store is shared by the process; keep only this out_dir's results so the index
     # lists exactly the validations whose pages are in this folder.
     for key in store.list_keys():
@@ -335,6 +364,8 @@ def _build_docs(ctx, out_dir: Path, suite: str, result) -> None:
         for path in [p for p in target.rglob("*") if p.is_file()]:
             if path.relative_to(target) not in written:
                 path.unlink()
+        # The pages now show every suite's latest result in `mine`; "always" runs record none.
+        atomic_write_json(record, {name: _outcome(res.to_json_dict()) for name, (_, res) in mine.items()})
     finally:
         shutil.rmtree(build, ignore_errors=True)
 

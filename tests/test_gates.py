@@ -143,17 +143,16 @@ def test_nan_scores_publish_nothing_and_keep_the_last_good_report(params, tmp_pa
     assert _cli("--params", str(params_file), "score", "--input", str(first), "--out", str(out))[0] == 0
     kept = {name: (out / name).read_bytes() for name in ("report.html", "scores.parquet")}
 
-    real, batches = score._rows_for_batch, []
+    real, batches = score.Scorer.infer, []
 
-    def nan_in_first_batch(*args, **kwargs):
+    def nan_in_first_batch(self, studies, run_id):
         batches.append(1)
-        for study, prob, *rest in real(*args, **kwargs):
-            if len(batches) == 1:
-                prob = prob.copy()
-                prob[1] = np.nan  # cardiomegaly
-            yield study, prob, *rest
+        scored = real(self, studies, run_id)
+        if len(batches) == 1:
+            scored[0].row["cardiomegaly"] = np.nan
+        return scored
 
-    monkeypatch.setattr(score, "_rows_for_batch", nan_in_first_batch)
+    monkeypatch.setattr(score.Scorer, "infer", nan_in_first_batch)
     new = _copy(NIH_IMAGES[2:6], tmp_path / "second")  # 4 new studies: two batches of 2
     code, _, err = _cli("--params", str(params_file), "score", "--input", str(new), "--out", str(out))
     err = err.replace("\n", " ")
@@ -166,7 +165,7 @@ def test_nan_scores_publish_nothing_and_keep_the_last_good_report(params, tmp_pa
     assert not (json.loads((out / "validation" / "scores_validation.json").read_text())["success"])
 
     # The discarded studies are scored again by the next (healthy) run.
-    monkeypatch.setattr(score, "_rows_for_batch", real)
+    monkeypatch.setattr(score.Scorer, "infer", real)
     code, stdout, err = _cli("--params", str(params_file), "score", "--input", str(new), "--out", str(out))
     assert code == 0, err
     summary = json.loads(stdout)
@@ -222,3 +221,29 @@ def test_tasks_retry_transient_io_but_not_bad_data(prefect_server):
     with pytest.raises(DataError, match="corrupt file"):
         probe(bad_data)
     assert calls["data"] == 1  # bad data is not retried: it would only fail the same way
+
+
+def test_score_gate_data_docs_are_rebuilt_only_when_the_outcome_changes(tmp_path):
+    from cxr.labels import LABEL_COLUMNS
+    from tasks.validate import validate_scores
+
+    def rows(n: int, bad: bool = False) -> pd.DataFrame:
+        frame = pd.DataFrame({"study_id": [f"s{i}.png" for i in range(n)], "model_digest": ["m"] * n,
+                              "status": ["scored"] * n, "key": [f"k{i}|m" for i in range(n)],
+                              **{c: np.linspace(0, 1, n) for c in LABEL_COLUMNS}})
+        if bad:
+            frame.loc[0, "edema"] = 2.0
+        return frame
+
+    index = tmp_path / "data_docs" / "index.html"
+    validate_scores(rows(5), tmp_path, docs="changed")
+    built = index.stat().st_mtime_ns
+    validate_scores(rows(7), tmp_path, docs="changed")  # more rows, same outcome: the pages stand
+    assert index.stat().st_mtime_ns == built
+    assert json.loads((tmp_path / "scores_validation.json").read_text())["statistics"]["evaluated_expectations"] > 0
+    with pytest.raises(DataError, match="outside"):
+        validate_scores(rows(7, bad=True), tmp_path, docs="changed")  # a new outcome: rebuilt
+    rebuilt = index.stat().st_mtime_ns
+    assert rebuilt != built
+    validate_scores(rows(7), tmp_path, docs="always")  # on request: rebuilt whatever the outcome
+    assert index.stat().st_mtime_ns != rebuilt

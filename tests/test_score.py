@@ -101,13 +101,19 @@ def test_real_studies_are_scored_with_sensible_outputs(params, tmp_path):
     assert "0 new studies; 2 already scored by this model" in (out / "report.html").read_text()
 
 
+def _with_score(params, **update):
+    return params.model_copy(update={"score": params.score.model_copy(update=update)})
+
+
 def test_bad_corpus_each_file_scored_or_rejected_with_its_reason(params, tmp_path):
     from tasks.report import write_report
 
     corpus = tmp_path / "corpus"
     manifest = make_bad_corpus(corpus)
     out = tmp_path / "out"
-    summary = _score(params, corpus, out)
+    # The corpus's decodable files are small made-up pictures, not radiographs: this test is
+    # about the loader, so the out-of-distribution checks are off (tested on their own below).
+    summary = _score(_with_score(params, ood="off"), corpus, out)
     write_report(out, summary)
     df = _scores(out).set_index("study_id")
     # Same bytes under two names (photo.jpg / jpeg_named.png, gray8.png / png_named.jpg) are one
@@ -243,3 +249,126 @@ def test_bad_batch_inputs_are_data_errors(params, tmp_path, prefect_server):
     result = run_cxr("--params", str(_write_params(params, tmp_path / "p.yaml")), "score", "--input", str(empty),
                      "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "no files to score" in result.stderr and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- the Scorer, OOD columns, the pipeline
+
+
+def _colour_photo(path: Path) -> Path:
+    """A colour picture (a sunset-like gradient with a disc): decodable, but not a radiograph."""
+    yy, xx = np.mgrid[0:256, 0:256] / 255.0
+    rgb = np.stack([0.9 - 0.3 * yy, 0.3 + 0.4 * yy * xx, 0.8 * yy], axis=-1)
+    rgb[(yy - 0.35) ** 2 + (xx - 0.6) ** 2 < 0.02] = (1.0, 0.85, 0.1)
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_rows_and_json_carry_the_ood_verdict_and_branch_probabilities(params, tmp_path):
+    import pyarrow.parquet as pq
+
+    from tasks.ood import OOD_PREFIX
+    from tasks.score import Scorer
+
+    inputs = tmp_path / "in"
+    shutil.copytree(STUDIES, inputs)
+    _colour_photo(inputs / "sunset.png")
+    out = tmp_path / "out"
+    _score(params, inputs, out)
+    schema = pq.read_schema(out / "scores.parquet")
+    assert str(schema.field("ood_score").type) == "float" and str(schema.field("ood_flag").type) == "bool"
+    df = _scores(out).set_index("study_id")
+    gate = Scorer.load(params).gate
+    assert gate is not None  # registering the model fits its gate
+    photo = df.loc["sunset.png"]
+    assert photo.status == "rejected" and photo.reason.startswith(OOD_PREFIX) and "colour" in photo.reason
+    assert bool(photo.ood_flag) and pd.isna(photo.overlay)
+    for sid in ("00000001_000.png", "Fake_MONOHR1.dcm"):
+        row = df.loc[sid]
+        assert row.status == "scored" and np.isfinite(row.ood_score) and row.ood_score >= 0
+        assert bool(row.ood_flag) == (row.ood_score > gate.threshold)  # score.ood "flag": scored and marked
+        facts = json.loads((out / row.json).read_text())
+        assert facts["ood"]["score"] == pytest.approx(row.ood_score, rel=1e-6) and facts["ood"]["flag"] == row.ood_flag
+        assert facts["ood"]["mode"] == params.score.ood and facts["ood"]["threshold"] == pytest.approx(gate.threshold)
+        branches = facts["branch_probabilities"]
+        assert set(branches) == {"global", "local", "fusion"} and all(len(b) == 14 for b in branches.values())
+        assert branches["fusion"]["Cardiomegaly"] == pytest.approx(facts["probabilities"]["Cardiomegaly"], abs=1e-6)
+    photo_json = json.loads((out / photo.json).read_text())
+    assert photo_json["branch_probabilities"] is None and photo_json["ood"]["flag"] is True
+
+
+def test_scorer_api_and_gate_modes(params, tmp_path):
+    import dataclasses
+
+    from tasks.ood import OOD_PREFIX
+    from tasks.score import Scorer
+
+    scorer = Scorer.load(params)
+    items = [("nih.png", STUDIES / "00000001_000.png"), ("mono1.dcm", STUDIES / "Fake_MONOHR1.dcm"),
+             ("broken.png", _broken(tmp_path / "broken.png"))]
+    nih, mono, broken = scorer.score(items, "run-1")
+    assert broken.row["status"] == "rejected" and broken.probabilities is None and broken.display is None
+    assert broken.row["ood_flag"] is None and broken.row["ood_score"] is None  # never decoded: never checked
+    L = params.model.local_size
+    for study in (nih, mono):
+        assert study.row["status"] == "scored" and set(study.probabilities) == {"global", "local", "fusion"}
+        assert all(p.shape == (14,) and p.dtype == np.float32 for p in study.probabilities.values())
+        h, w = study.display.shape
+        assert max(h, w) == params.score.overlay_size and study.display.dtype == np.float32
+        y0, x0, y1, x1 = study.display_box
+        assert 0 <= y0 <= y1 < h and 0 <= x0 <= x1 < w
+        assert study.cams.shape == (14, h, w) and 0 <= study.cams.min() and study.cams.max() <= 1
+        assert study.crop.shape == (L, L) and study.crop.dtype == np.uint8
+    assert not list(tmp_path.glob("*.json"))  # score() writes nothing
+
+    # Force the real gate's verdict by lowering its threshold below every study.
+    scorer.gate = dataclasses.replace(scorer.gate, threshold=-1.0)
+    scorer.ood_mode = "reject"
+    refused = scorer.score(items[:1], "run-2")[0]
+    assert refused.row["status"] == "rejected" and refused.row["reason"] == scorer.gate.reason(refused.row["ood_score"])
+    assert refused.row["reason"].startswith(OOD_PREFIX) and refused.row["ood_flag"] is True
+    scorer.ood_mode = "flag"
+    flagged = scorer.score(items[:1], "run-3")[0]
+    assert flagged.row["status"] == "scored" and flagged.row["ood_flag"] is True
+    assert flagged.row["reason"].startswith(OOD_PREFIX)
+    scorer.ood_mode = "off"
+    plain = scorer.score(items[:1], "run-4")[0]
+    assert plain.row["status"] == "scored" and plain.row["ood_flag"] is None and plain.row["reason"] is None
+    np.testing.assert_allclose(plain.probabilities["fusion"], nih.probabilities["fusion"], atol=1e-6)
+
+    scorer.write(tmp_path / "out", plain)
+    facts = json.loads((tmp_path / "out" / plain.row["json"]).read_text())
+    assert facts["study_id"] == "nih.png" and (tmp_path / "out" / plain.row["overlay"]).is_file()
+
+
+def _broken(path: Path) -> Path:
+    path.write_bytes(b"\x89PNG\r\n\x1a\n not really a PNG")
+    return path
+
+
+def test_a_failed_write_leaves_no_half_output_and_the_rerun_completes(params, nih_inputs, clean_nih, tmp_path,
+                                                                       monkeypatch):
+    import tasks.score as score
+
+    failing = sorted(p.name for p in nih_inputs.iterdir())[9]  # the third batch of 4
+    real_save = score.save_png
+
+    def disk_full_on_one_study(image, path):
+        if Path(path).name == f"{failing}.png" and "overlays" in Path(path).parts:
+            raise OSError(28, "No space left on device", str(path))
+        real_save(image, path)
+
+    monkeypatch.setattr(score, "save_png", disk_full_on_one_study)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        _score(params, nih_inputs, out)
+    assert not (out / "scores.parquet").exists() and not list(out.rglob("*.tmp"))
+    parts = sorted((out / "parts").glob("part-*.parquet"))
+    assert len(parts) == 2  # the batches before the failing one, committed in order
+    for row in pd.concat(pd.read_parquet(p) for p in parts).itertuples():
+        assert all((out / f).is_file() for f in (row.json, row.overlay, row.thumbnail))
+    assert not (out / "studies" / f"{failing}.json").exists() and not (out / "overlays" / f"{failing}.png").exists()
+
+    monkeypatch.setattr(score, "save_png", real_save)
+    rest = _score(params, nih_inputs, out)
+    assert rest["already_scored"] == 8 and rest["scored"] == 16
+    _assert_same_as_clean(_scores(out), clean_nih)
