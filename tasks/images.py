@@ -299,11 +299,22 @@ def _open_pillow(path: Path, kind: str, fmt: str, limits: LoaderLimits) -> Image
         raise DataError(f"truncated or corrupt image ({_brief(exc)})", where=where) from None
 
 
+def colourfulness(rgb: np.ndarray) -> float:
+    """Hasler-Suesstrunk colourfulness of an (H, W, 3) RGB array on the 0..255 scale.
+
+    sqrt(sd(rg)^2 + sd(yb)^2) + 0.3 sqrt(mean(rg)^2 + mean(yb)^2), rg = R - G,
+    yb = (R + G) / 2 - B. Large images are subsampled to about 512 x 512 first.
+    """
+    step = max(1, int(np.ceil(max(rgb.shape[:2]) / 512)))
+    a = np.asarray(rgb[::step, ::step, :3], dtype=np.float64)
+    rg = a[..., 0] - a[..., 1]
+    yb = 0.5 * (a[..., 0] + a[..., 1]) - a[..., 2]
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
 def _colour_facts(rgb: np.ndarray, facts: dict | None) -> None:
     """Record the colour facts of an (H, W, >=3) uint8 image (gray stored as RGB scores 0)."""
     if facts is not None:
-        from tasks.ood import colourfulness
-
         facts.update(channels=3, colourfulness=colourfulness(rgb))
 
 

@@ -31,6 +31,7 @@ from PIL import Image
 
 from cxr.atomic import atomic_path, atomic_write_text
 from cxr.errors import DataError
+from tasks.images import colourfulness  # noqa: F401  (re-exported: the precheck's colour fact)
 
 __all__ = [
     "OOD_PREFIX",
@@ -78,19 +79,6 @@ STAT_NAMES = (
 
 
 # --------------------------------------------------------------------------- degree 1: model-free
-
-
-def colourfulness(rgb: np.ndarray) -> float:
-    """Hasler-Suesstrunk colourfulness of an (H, W, 3) RGB array on the 0..255 scale.
-
-    sqrt(sd(rg)^2 + sd(yb)^2) + 0.3 sqrt(mean(rg)^2 + mean(yb)^2), rg = R - G,
-    yb = (R + G) / 2 - B. Large images are subsampled to about 512 x 512 first.
-    """
-    step = max(1, int(np.ceil(max(rgb.shape[:2]) / 512)))
-    a = np.asarray(rgb[::step, ::step, :3], dtype=np.float64)
-    rg = a[..., 0] - a[..., 1]
-    yb = 0.5 * (a[..., 0] + a[..., 1]) - a[..., 2]
-    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
