@@ -31,7 +31,6 @@ from PIL import Image
 
 from cxr.atomic import atomic_path, atomic_write_text
 from cxr.errors import DataError
-from tasks.images import colourfulness  # noqa: F401  (re-exported: the precheck's colour fact)
 
 __all__ = [
     "OOD_PREFIX",
