@@ -402,5 +402,9 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
         "valid_auroc": {l: (None if np.isnan(v) else round(float(v), 4)) for l, v in zip(cw["labels"], per_class)},
         "history": history,
     }
-    atomic_write_json(Path(paths.metrics) / f"train_{stage}.json", summary)
+    # The metrics file is a DVC output: wall times would change its hash on every run and in
+    # every clone, so they stay in the returned summary (and the log), out of the file.
+    timings = ("seconds", "train_seconds")
+    atomic_write_json(Path(paths.metrics) / f"train_{stage}.json",
+                      {**summary, "history": [{k: v for k, v in h.items() if k not in timings} for h in history]})
     return summary
