@@ -57,6 +57,7 @@ def test_stale_entries_tell_missing_data_from_changed_code():
 
 def test_committed_dvc_lock_matches_the_code_and_params(tmp_path):
     clone = _tracked_copy(tmp_path / "clone")
+    subprocess.run(["git", "init", "-q"], cwd=clone, check=True)  # DVC reads its config inside a git repository
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
     result = subprocess.run([str(VENV_BIN / "dvc"), "status", "--json"], cwd=clone, env=env, capture_output=True,
                             text=True, timeout=120)
