@@ -113,7 +113,8 @@ def _assert_same_cache(built: Path, reference: Path) -> None:
     # absolute path: the index is a DVC output), so two caches at different places record it
     # differently: it must lead to the same folder; everything else must be equal.
     meta_a, meta_b = (json.loads(t.schema.metadata[b"cxr_cache"]) for t in (a, b))
-    assert (reference / meta_a.pop("source_dir")).resolve() == (built / meta_b.pop("source_dir")).resolve()
+    if "source_dir" in meta_a or "source_dir" in meta_b:  # image caches; the crop cache keys by digests only
+        assert (reference / meta_a.pop("source_dir")).resolve() == (built / meta_b.pop("source_dir")).resolve()
     assert meta_a == meta_b
     ids = b["item_id"].to_pylist()
     assert len(ids) == len(set(ids)), "an image is in the index twice"
