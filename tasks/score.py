@@ -58,7 +58,7 @@ from tasks.images import LoaderLimits, file_sha256, load_image
 from tasks.overlay import display_shape, render_overlay, resize_gray, save_png, thumbnail
 from tasks.registry import verify
 from tasks.thresholds import load_or_compute_thresholds
-from tasks.train import pick_device
+from tasks.device import pick_device
 from tasks.validate import validate_score_manifest, validate_scores
 from tasks.weights import STAGES, load_agcnn
 
