@@ -19,10 +19,10 @@ from fastapi.templating import Jinja2Templates
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cxr.config import Params
+from cxr.core.config import Params
 from app.security import TOKEN_ENV, check_bind
 from app.service import AppService
-from tasks.report import NOT_A_DEVICE
+from tasks.scoring.report import NOT_A_DEVICE
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=HERE / "templates")

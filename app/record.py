@@ -22,9 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from cxr.atomic import atomic_path, atomic_write_json
-from tasks.overlay import save_png
-from tasks.score import SCHEMA, ScoredStudy, Scorer, consolidate, output_name, read_scores
+from cxr.core.atomic import atomic_path, atomic_write_json
+from tasks.scoring.overlay import save_png
+from tasks.scoring.rows import SCHEMA, ScoredStudy, consolidate, read_scores
+from tasks.scoring.scorer import Scorer
+from tasks.scoring.studies import output_name
 
 PICTURES = "pictures"
 

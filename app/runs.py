@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxr.labels import LABEL_COLUMNS
-from tasks.score import _row_keys, read_scores
+from cxr.core.labels import LABEL_COLUMNS
+from tasks.scoring.studies import row_keys as _row_keys
+from tasks.scoring.rows import read_scores
 
 # A nightly dated folder: the night's report and summary beside the store's scores.
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")

@@ -13,7 +13,7 @@ import re
 
 from fastapi import HTTPException, Request
 
-from cxr.errors import DataError
+from cxr.core.errors import DataError
 
 TOKEN_ENV = "CXR_APP_TOKEN"
 MIN_TOKEN_LENGTH = 16

@@ -13,8 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cxr.config import Params
-from tasks.score import Scorer
+from cxr.core.config import Params
+from tasks.scoring.scorer import Scorer
 from app.batching import Batcher
 from app.record import AppRecord
 from app.uploads import Upload

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cxr.labels import LABEL_COLUMNS, PATHOLOGIES
-from tasks.overlay import BOX_COLOUR, colormap
-from tasks.score import ScoredStudy
+from cxr.core.labels import LABEL_COLUMNS, PATHOLOGIES
+from tasks.scoring.overlay import BOX_COLOUR, colormap
+from tasks.scoring.rows import ScoredStudy
 from app.record import PICTURES
 from app.runs import Run, study_name
 

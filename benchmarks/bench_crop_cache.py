@@ -26,11 +26,11 @@ from benchmarks.harness import publish  # noqa: E402
 import torch  # noqa: E402
 
 from models.branch import build_branch  # noqa: E402
-from tasks.crop_cache import build_crop_cache  # noqa: E402
-from tasks.ingest import run_ingest  # noqa: E402
-from tasks.split import run_split  # noqa: E402
-from tasks.train import train_stage  # noqa: E402
-from tasks.weights import save_weights  # noqa: E402
+from tasks.training.crop_cache import build_crop_cache  # noqa: E402
+from tasks.metadata.ingest import run_ingest  # noqa: E402
+from tasks.metadata.split import run_split  # noqa: E402
+from tasks.training.stages import train_stage  # noqa: E402
+from tasks.bundle.weights import save_weights  # noqa: E402
 from tests.conftest import NIH_SAMPLE, make_params  # noqa: E402
 
 SIZE, REPEATS = 128, 2

@@ -36,11 +36,11 @@ def make_sources(folder: Path) -> list[str]:
 
     from PIL import Image
 
-    from tasks.synth import _anatomy
+    from tasks.metadata.synth import anatomy
 
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    bases = [_anatomy(SOURCE, rng) for _ in range(2)]
+    bases = [anatomy(SOURCE, rng) for _ in range(2)]
     ids = []
     for i in range(N):
         name = f"{i:08d}_000.png"
@@ -80,7 +80,7 @@ def main() -> None:
 
 def _measure(tmp: Path, ids: list[str]) -> dict:
     import pyarrow.parquet as pq
-    from cxr.config import Params
+    from cxr.core.config import Params
     from flows.cache import cache_images
 
     def params(address: str, cache: Path) -> Params:

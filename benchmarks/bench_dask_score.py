@@ -49,7 +49,7 @@ def main() -> None:
 
 
 def _params(tmp: Path, address: str):
-    from cxr.config import Params
+    from cxr.core.config import Params
 
     return Params.model_validate({
         "paths": {"models": str(tmp / "models"), "reports": str(tmp / "reports"), "roots": [str(tmp), "data"]},

@@ -24,10 +24,10 @@ from benchmarks.harness import publish  # noqa: E402
 def main() -> None:
     import torch
 
-    from tasks.distributed import train_distributed
-    from tasks.ingest import run_ingest
-    from tasks.split import run_split
-    from tasks.train import train_stage
+    from tasks.training.distributed import train_distributed
+    from tasks.metadata.ingest import run_ingest
+    from tasks.metadata.split import run_split
+    from tasks.training.stages import train_stage
     from tests.conftest import make_params
 
     with tempfile.TemporaryDirectory() as tmp:

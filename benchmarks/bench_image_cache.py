@@ -23,10 +23,10 @@ from benchmarks.harness import publish  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tasks.cache_store import CacheReader  # noqa: E402
-from tasks.image_cache import build_image_cache  # noqa: E402
-from tasks.images import load_image_uint8  # noqa: E402
-from tasks.synth import _anatomy  # noqa: E402
+from tasks.images.cache_store import CacheReader  # noqa: E402
+from tasks.images.image_cache import build_image_cache  # noqa: E402
+from tasks.images.loader import load_image_uint8  # noqa: E402
+from tasks.metadata.synth import anatomy  # noqa: E402
 
 N, SOURCE, SIZE, ROUNDS = 200, 1024, 224, 3
 
@@ -35,7 +35,7 @@ def make_sources(folder: Path) -> list[str]:
     """NIH-sized 8-bit PNGs: a chest-like background plus per-image noise (so PNG cannot
     compress them to nothing, as with real films)."""
     rng = np.random.default_rng(0)
-    bases = [_anatomy(SOURCE, rng) for _ in range(4)]
+    bases = [anatomy(SOURCE, rng) for _ in range(4)]
     ids = []
     for i in range(N):
         image = bases[i % 4] + rng.normal(0, 0.03, (SOURCE, SOURCE))

@@ -24,7 +24,7 @@ BUDGET_S = 30.0
 
 
 def main() -> None:
-    from tasks.ingest import packaged_metadata_path
+    from tasks.metadata.ingest import packaged_metadata_path
 
     bin_dir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import publish  # noqa: E402
-from cxr.labels import PATHOLOGIES  # noqa: E402
-from tasks import ood  # noqa: E402
-from tasks.images import load_image  # noqa: E402
-from tasks.ood_corpus import FAR, NEAR, SHARED_STUDIES, make_ood_corpus  # noqa: E402
-from tasks.synth import _anatomy, render_image  # noqa: E402
+from cxr.core.labels import PATHOLOGIES  # noqa: E402
+from tasks.scoring import precheck as ood  # noqa: E402
+from tasks.images.loader import load_image  # noqa: E402
+from tasks.evaluation.ood_corpus import FAR, NEAR, SHARED_STUDIES, make_ood_corpus  # noqa: E402
+from tasks.metadata.synth import anatomy, render_image  # noqa: E402
 
 NIH = SHARED_STUDIES.parent / "nih-sample-64" / "images"
 
@@ -88,7 +88,7 @@ def main() -> int:
     synth_refused = 0
     for i in range(300):
         size = (128, 96, 192)[i % 3]
-        pixels, _ = render_image(size, _anatomy(size, rng), list(rng.choice(PATHOLOGIES, size=int(rng.integers(0, 4)), replace=False)), rng)
+        pixels, _ = render_image(size, anatomy(size, rng), list(rng.choice(PATHOLOGIES, size=int(rng.integers(0, 4)), replace=False)), rng)
         synth_refused += ood.precheck(pixels / 255.0, {}) is not None
     decode = _timed(nih[:200], load_image)
     checked = _timed(nih[:200], _check)

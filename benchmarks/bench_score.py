@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import prefect_server, publish  # noqa: E402
-from cxr.atomic import atomic_write_json  # noqa: E402
-from cxr.config import Params  # noqa: E402
-from cxr.labels import PATHOLOGIES  # noqa: E402
+from cxr.core.atomic import atomic_write_json  # noqa: E402
+from cxr.core.config import Params  # noqa: E402
+from cxr.core.labels import PATHOLOGIES  # noqa: E402
 
 
 def bench_params(models_dir: Path, image_size: int, batch_size: int, overlay_size: int = 384) -> Params:
@@ -56,14 +56,14 @@ def bench_params(models_dir: Path, image_size: int, batch_size: int, overlay_siz
 
 def render_studies(n: int, side: int = 128, seed: int = 0) -> list[np.ndarray]:
     """n distinct synthetic chest renderings (uint8 (side, side)), 0-2 findings each, as the demo draws them."""
-    from tasks.synth import FINDING_STYLE, _anatomy, render_image
+    from tasks.metadata.synth import FINDING_STYLE, anatomy, render_image
 
     rng = np.random.default_rng(seed)
     names = sorted(FINDING_STYLE)
     out = []
     for _ in range(n):
         findings = list(rng.choice(names, size=int(rng.integers(0, 3)), replace=False))
-        out.append(render_image(side, _anatomy(side, rng), findings, rng)[0])
+        out.append(render_image(side, anatomy(side, rng), findings, rng)[0])
     return out
 
 
@@ -79,11 +79,11 @@ def make_models(models_dir: Path, params: Params) -> None:
     and an OOD gate fitted on the model's pooled features of synthetic renderings."""
     import torch
 
-    import tasks.registry as registry
+    import tasks.bundle.registry as registry
     from models.branch import build_branch
     from models.fusion import FusionHead
-    from tasks.thresholds import rule_key
-    from tasks.weights import model_digest, save_weights
+    from tasks.bundle.thresholds import rule_key
+    from tasks.bundle.weights import model_digest, save_weights
 
     torch.manual_seed(0)
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -102,11 +102,11 @@ def make_models(models_dir: Path, params: Params) -> None:
 def _synthetic_gate(params: Params, digest: str):
     import torch
 
-    from tasks.dataset import to_input
-    from tasks.ood import fit_gate, save_gate
-    from tasks.weights import load_agcnn
+    from tasks.images.geometry import to_input
+    from tasks.bundle.ood_gate import fit_gate, save_gate
+    from tasks.bundle.weights import load_agcnn
 
-    model = load_agcnn(params.paths.models, params)
+    model = load_agcnn(params.paths.models, params.model)
     with torch.inference_mode():
         pixels = torch.from_numpy(np.stack(render_studies(192, params.model.image_size, seed=1)))
         pooled = model.global_branch(to_input(pixels)).pooled.numpy()
@@ -121,12 +121,12 @@ def forward_only(params: Params, inputs: Path, batch: int, limit: int | None = N
     hundred studies measure it as well as thousands."""
     import torch
 
-    from tasks.dataset import to_input
-    from tasks.images import load_image
-    from tasks.score import network_pixels
-    from tasks.weights import load_agcnn
+    from tasks.images.geometry import to_input
+    from tasks.images.loader import load_image
+    from tasks.images.geometry import network_pixels_from_image as network_pixels
+    from tasks.bundle.weights import load_agcnn
 
-    model = load_agcnn(params.paths.models, params)
+    model = load_agcnn(params.paths.models, params.model)
     files = sorted(inputs.iterdir())[:limit]
     pixels = torch.from_numpy(np.stack([network_pixels(load_image(p), params.model) for p in files]))
     with torch.inference_mode():
@@ -147,8 +147,8 @@ def timer():
 
 
 def in_process(params: Params, inputs: Path, out: Path) -> float:
-    from tasks.report import write_report
-    from tasks.score import score_studies
+    from tasks.scoring.report import write_report
+    from tasks.scoring.run import score_studies
 
     shutil.rmtree(out, ignore_errors=True)
     with timer() as t:

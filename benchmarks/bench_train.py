@@ -35,8 +35,8 @@ def model_only_seconds(params, pixels, labels, cw, batch: int) -> float:
 
     from models.branch import build_branch
     from models.loss import WeightedBCE
-    from tasks.dataset import to_input
-    from tasks.train import param_groups
+    from tasks.images.geometry import to_input
+    from tasks.training.stages import param_groups
 
     sp = params.train.global_
     branch = build_branch(params.model.backbone, params.model.pretrained).train()
@@ -66,11 +66,11 @@ def main() -> None:
 
     import torch
 
-    from cxr.config import AugmentParams, ModelParams
-    from tasks.dataset import load_split
-    from tasks.ingest import read_metadata, run_ingest
-    from tasks.split import read_splits, run_split
-    from tasks.train import train_stage
+    from cxr.core.config import AugmentParams, ModelParams
+    from tasks.training.dataset import load_split
+    from tasks.metadata.ingest import read_metadata, run_ingest
+    from tasks.metadata.split import read_splits, run_split
+    from tasks.training.stages import train_stage
     from tests.conftest import make_params
 
     torch.manual_seed(0)

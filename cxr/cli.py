@@ -15,7 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from cxr.errors import DataError
+from cxr.core.errors import DataError
 
 
 def _is_disk_full(exc: BaseException | None) -> bool:
@@ -116,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="build the image cache (decode once) or the crop cache (after stage I)")
     p.add_argument("what", choices=("images", "crops"))
 
+    p = sub.add_parser("models", help="the registered model bundles: list, show one, promote one to current (rollback), refit thresholds")
+    p.add_argument("action", choices=("list", "show", "promote", "thresholds"))
+    p.add_argument("digest", nargs="?", help="a bundle's digest or a unique prefix (show: default current)")
+
     sub.add_parser("backbones", help="list the backbones as JSON: feature size, parameters, whether ImageNet weights are on this machine (offline)")
     sub.add_parser("serve", help="serve the nightly-scoring Prefect deployment (cron from params; runs until stopped)")
 
@@ -135,10 +139,12 @@ def _run(args: argparse.Namespace) -> dict | list:
         from models.branch import backbone_catalog
 
         return backbone_catalog()
-    from cxr.config import load_params
+    from cxr.core.config import load_params
 
     params = load_params(args.params)
     paths = params.paths
+    if args.command == "models":  # the bundles are files: no Prefect run
+        return _models(args, params)
     if args.command == "app":
         import os
 
@@ -157,7 +163,7 @@ def _run(args: argparse.Namespace) -> dict | list:
     _quiet_prefect_tracebacks()
     _terminal_logging(args.verbose, args.log_level)
     if args.command == "synth":
-        from tasks.ingest import packaged_metadata_path
+        from tasks.metadata.ingest import packaged_metadata_path
 
         return data.synth_flow(params, args.metadata or packaged_metadata_path(), args.out or paths.raw)
     if args.command == "ingest":
@@ -197,6 +203,24 @@ def _run(args: argparse.Namespace) -> dict | list:
             params = params.model_copy(update={"data": params.data.model_copy(update={"metadata": args.metadata.resolve()})})
         return pipeline_flow(params)
     raise AssertionError(args.command)
+
+
+def _models(args: argparse.Namespace, params) -> dict | list:
+    from tasks.bundle.registry import list_bundles, load_bundle, promote
+
+    models_dir = params.paths.models
+    if args.action == "list":
+        return list_bundles(models_dir)
+    if args.action in ("promote", "thresholds") and not args.digest:
+        raise DataError(f"`cxr models {args.action}` needs the digest (or a unique prefix) of a registered bundle")
+    if args.action == "show":
+        return load_bundle(models_dir, args.digest).summary()
+    if args.action == "promote":
+        return {"current": promote(models_dir, args.digest).digest}
+    from tasks.training.registration import refit_thresholds  # needs the validation split
+
+    bundle = refit_thresholds(params, args.digest)
+    return {"digest": bundle.digest, "thresholds": sorted(bundle.manifest["thresholds"])}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from cxr.config import Params
+from cxr.core.config import Params
 from flows.runner import task_runner
 from tasks.prefect_tasks import (
     build_crop_chunk_task,
@@ -32,13 +32,13 @@ def _summary(meta: dict, up_to_date: bool) -> dict:
 # Decoding is I/O and Pillow (which releases the GIL): two threads keep two cores busy.
 @flow(name="cache-images", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
 def cache_images_flow(params: Params) -> dict:
-    from tasks.split import read_splits
+    from tasks.metadata.split import read_splits
 
     ids = read_splits(Path(params.paths.processed) / "splits.parquet")["image_id"].tolist()
     root = Path(params.paths.cache) / "images"
     plan = plan_image_cache_task(params.paths.images, ids, root, params.cache.image_size, params.cache.shard_images)
     if plan.up_to_date:
-        from tasks.cache_store import published_meta
+        from tasks.images.cache_store import published_meta
 
         return _summary(published_meta(root), True)
     build_image_chunk_task.map(unmapped(plan), plan.chunks).result()
@@ -50,7 +50,7 @@ def cache_images_flow(params: Params) -> dict:
 def cache_crops_flow(params: Params) -> dict:
     plan = plan_crop_cache_task(params)
     if plan.up_to_date:
-        from tasks.cache_store import published_meta
+        from tasks.images.cache_store import published_meta
 
         return _summary(published_meta(plan.root), True)
     build_crop_chunk_task.map(unmapped(plan), plan.chunks).result()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from cxr.config import Params
+from cxr.core.config import Params
 from tasks.prefect_tasks import ingest_task, split_task, synth_task
 
 
@@ -52,7 +52,7 @@ def data_pipeline_flow(params: Params, metadata_csv: Path | None = None) -> dict
     report: dict = {}
     metadata_csv = metadata_csv or params.data.metadata
     if metadata_csv is None:
-        from tasks.ingest import packaged_metadata_path
+        from tasks.metadata.ingest import packaged_metadata_path
 
         report["synth"] = synth_flow(params, packaged_metadata_path(), paths.raw)
         metadata_csv = paths.raw / "Data_Entry_synth.csv"

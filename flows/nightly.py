@@ -13,8 +13,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from cxr.atomic import atomic_path, atomic_write_json
-from cxr.config import load_params
+from cxr.core.atomic import atomic_path, atomic_write_json
+from cxr.core.config import load_params
 from flows.score import score
 
 DEPLOYMENT = "nightly-scoring"

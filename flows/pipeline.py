@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from cxr.config import Params
+from cxr.core.config import Params
 
 
 @flow(name="pipeline", log_prints=True)

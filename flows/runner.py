@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from prefect.task_runners import TaskRunner
 
-from cxr.config import Params
+from cxr.core.config import Params
 
 # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_ set, which also switches off glibc's
 # adaptive mmap threshold: every multi-MB image array is then mmap'd and page-faulted anew,

@@ -15,11 +15,11 @@ from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from cxr.config import Params
+from cxr.core.config import Params
 from flows.runner import task_runner
 from tasks.prefect_tasks import (finish_scoring_task, plan_scoring_task, report_task, run_shards_task,
                                  score_shard_task)
-from tasks.report import NOT_A_DEVICE, run_rows
+from tasks.scoring.report import NOT_A_DEVICE, run_rows
 
 # A table artifact is for a glance; the report and scores.parquet hold every study.
 TABLE_ROWS = 200

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from cxr.config import Params
-from tasks.ingest import packaged_metadata_path
+from cxr.core.config import Params
+from tasks.metadata.ingest import packaged_metadata_path
 from tasks.prefect_tasks import evaluate_task, register_task, train_task
 
 

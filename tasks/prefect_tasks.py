@@ -11,10 +11,10 @@ import sys
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cxr.errors import DataError
-from tasks.ingest import run_ingest
-from tasks.split import run_split
-from tasks.synth import synthesize
+from cxr.core.errors import DataError
+from tasks.metadata.ingest import run_ingest
+from tasks.metadata.split import run_split
+from tasks.metadata.synth import synthesize
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -42,21 +42,21 @@ split_task = _task("split")(run_split)
 # loading torchvision and scikit-learn it never uses.
 @_task("train-stage")
 def train_task(params, stage: str, nproc: int = 1, **kwargs) -> dict:
-    from tasks.distributed import train_distributed
+    from tasks.training.distributed import train_distributed
 
     return train_distributed(params, stage, nproc, **kwargs)
 
 
 @_task("register-model")
 def register_task(params) -> dict:
-    from tasks.registry import register
+    from tasks.training.registration import register
 
     return register(params)
 
 
 @_task("evaluate")
 def evaluate_task(params, **kwargs) -> dict:
-    from tasks.evaluate import evaluate
+    from tasks.evaluation.evaluate import evaluate
 
     return evaluate(params, **kwargs)
 
@@ -84,14 +84,14 @@ def _one_torch_thread_on_dask_worker() -> bool:
 # Scoring is resumable by design, so a transient I/O retry only finishes the rest.
 @_task("plan-scoring")
 def plan_scoring_task(params, input_dir, out_dir, **kwargs):
-    from tasks.score import plan_scoring
+    from tasks.scoring.run import plan_scoring
 
     return plan_scoring(params, input_dir, out_dir, **kwargs)
 
 
 @_task("score-shard")
 def score_shard_task(context, index: int, studies) -> dict:
-    from tasks.score import score_shard
+    from tasks.scoring.run import score_shard
 
     on_worker = _one_torch_thread_on_dask_worker()
     return score_shard(context, index, studies, workers=1 if on_worker else 2)
@@ -100,21 +100,21 @@ def score_shard_task(context, index: int, studies) -> dict:
 @_task("score-shards")
 def run_shards_task(plan) -> list[dict]:
     """Every shard of an in-process run, pipelined (decode -> forward -> write) in one task."""
-    from tasks.score import run_shards
+    from tasks.scoring.run import run_shards
 
     return run_shards(plan)
 
 
 @_task("finish-scoring")
 def finish_scoring_task(plan, results: list[dict]) -> dict:
-    from tasks.score import finish_scoring
+    from tasks.scoring.run import finish_scoring
 
     return finish_scoring(plan, results)
 
 
 @_task("score-report")
 def report_task(out_dir, summary: dict):
-    from tasks.report import write_report
+    from tasks.scoring.report import write_report
 
     return write_report(out_dir, summary)
 
@@ -124,14 +124,14 @@ def report_task(out_dir, summary: dict):
 # so they run alike in the flow's threads and in Dask worker processes (params: dask).
 @_task("plan-image-cache")
 def plan_image_cache_task(image_dir, ids, root, size: int, shard_images: int):
-    from tasks.image_cache import plan_image_cache
+    from tasks.images.image_cache import plan_image_cache
 
     return plan_image_cache(image_dir, ids, root, size, shard_images)
 
 
 @_task("build-image-chunk")
 def build_image_chunk_task(plan, chunk: int) -> dict:
-    from tasks.image_cache import build_image_chunk
+    from tasks.images.image_cache import build_image_chunk
 
     _one_torch_thread_on_dask_worker()
     return build_image_chunk(plan, chunk)
@@ -139,21 +139,21 @@ def build_image_chunk_task(plan, chunk: int) -> dict:
 
 @_task("publish-image-cache")
 def publish_image_cache_task(plan) -> dict:
-    from tasks.image_cache import publish_image_cache
+    from tasks.images.image_cache import publish_image_cache
 
     return publish_image_cache(plan)
 
 
 @_task("plan-crop-cache")
 def plan_crop_cache_task(params):
-    from tasks.crop_cache import plan_crop_cache
+    from tasks.training.crop_cache import plan_crop_cache
 
     return plan_crop_cache(params)
 
 
 @_task("build-crop-chunk")
 def build_crop_chunk_task(plan, chunk: int) -> dict:
-    from tasks.crop_cache import build_crop_chunk
+    from tasks.training.crop_cache import build_crop_chunk
 
     _one_torch_thread_on_dask_worker()
     return build_crop_chunk(plan, chunk)
@@ -161,6 +161,6 @@ def build_crop_chunk_task(plan, chunk: int) -> dict:
 
 @_task("publish-crop-cache")
 def publish_crop_cache_task(plan) -> dict:
-    from tasks.crop_cache import publish_crop_cache
+    from tasks.training.crop_cache import publish_crop_cache
 
     return publish_crop_cache(plan)

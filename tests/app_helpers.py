@@ -26,7 +26,7 @@ def app_params(trained, root: Path, name: str, **app) -> tuple["Params", Path]:
     params = registered_copy(trained, f"models-{name}")
     folder = Path(trained.paths.models).parent / f"app-{name}"
     app = {"store": str(folder / "store"), "runs": [str(folder / "runs")], **app}
-    from cxr.config import Params
+    from cxr.core.config import Params
 
     params = Params.model_validate({**params.model_dump(mode="json", by_alias=True), "app": app})
     (folder / "runs").mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def sample_csv() -> Path:
 
 def make_params(root: Path, **global_stage) -> "Params":
     """Params for a small CPU workspace under `root` on the real 64-px NIH sample images."""
-    from cxr.config import Params
+    from cxr.core.config import Params
 
     stage = {"epochs": 1, "batch_size": 64}
     return Params.model_validate({
@@ -101,8 +101,8 @@ def make_params(root: Path, **global_stage) -> "Params":
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory, sample_csv) -> Path:
     """The NIH sample ingested and split (patient level) in a temporary workspace."""
-    from tasks.ingest import run_ingest
-    from tasks.split import run_split
+    from tasks.metadata.ingest import run_ingest
+    from tasks.metadata.split import run_split
 
     root = tmp_path_factory.mktemp("ws")
     params = make_params(root)
@@ -118,7 +118,7 @@ def trained(workspace) -> "Params":
 
     Read-only for tests: copy `params.paths.models` elsewhere before changing anything.
     """
-    from tasks.train import train_stage
+    from tasks.training.stages import train_stage
 
     params = make_params(workspace)
     if not (params.paths.models / "fusion.safetensors").exists():
@@ -132,7 +132,7 @@ def registered_copy(trained, name: str, **score) -> "Params":
     weights), placed beside them so it stays inside the workspace's data roots."""
     import shutil
 
-    from tasks.registry import register
+    from tasks.training.registration import register
 
     models = Path(trained.paths.models).parent / name
     shutil.copytree(trained.paths.models, models, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)

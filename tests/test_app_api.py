@@ -13,7 +13,7 @@ import socket
 import httpx
 import pytest
 
-from cxr.labels import PATHOLOGIES
+from cxr.core.labels import PATHOLOGIES
 from tests.app_helpers import (DICOM, NIH_PNG, TOKEN, app_params, corrupt, cxr_app, jpeg_of, photo, post_file,
                                rss_bytes, threaded_app)
 from tests.conftest import NIH_SAMPLE, ROOT, STUDIES, run_cxr
@@ -28,7 +28,7 @@ def served(trained, tmp_path_factory):
     params = params.model_copy(update={"score": params.score.model_copy(update={"max_bytes": MAX_BYTES})})
     params_file.write_text(params_file.read_text().replace("max_bytes: 200000000", f"max_bytes: {MAX_BYTES}"))
     # A real batch run for the runs browser: `cxr score`'s own in-process path, into the runs folder.
-    from tasks.score import score_studies
+    from tasks.scoring.run import score_studies
 
     batch_out = params.app.runs[0] / "scoring"
     score_studies(params, STUDIES, batch_out)
@@ -264,7 +264,7 @@ def test_a_bounded_load_leaves_no_5xx_no_growth_and_nothing_lost(served):
     assert len(codes) == 240 and not [c for c in codes if c >= 500], codes
     assert set(codes) == {200}
     assert after - before < 150 * 2**20, f"server memory grew by {(after - before) / 2**20:.0f} MiB"
-    from tasks.images import file_sha256
+    from cxr.core.digest import file_sha256
 
     recorded = {r["sha256"] for r in httpx.get(f"{url}/api/v1/runs/app/studies?limit=10000").json()["studies"]}
     assert {file_sha256(p) for p in images} <= recorded

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from cxr.config import AugmentParams, Params
-from tasks.dataset import PixelDataset, SplitData, TrainBatches, augment_batch, augment_draws, to_input
-from tasks.train import augments, epoch_loader
+from cxr.core.config import AugmentParams, Params
+from tasks.training.dataset import PixelDataset, SplitData, TrainBatches
+from tasks.images.geometry import augment_batch, augment_draws, to_input
+from tasks.training.stages import augments, epoch_loader
 from tests.conftest import NIH_SAMPLE, make_params
 
 ON = {"rotation": 8, "scale": 0.1, "brightness": 0.1, "contrast": 0.2}

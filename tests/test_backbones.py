@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models import BACKBONES, WeightsUnavailable, build_branch, efficientnet
-from tasks.dataset import IMAGENET_MEAN, IMAGENET_STD
+from tasks.images.geometry import IMAGENET_MEAN, IMAGENET_STD
 from tests.conftest import run_cxr
 
 

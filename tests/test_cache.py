@@ -19,14 +19,16 @@ import pytest
 import torch
 
 from models.agcnn import attention_crops
-from tasks import cache_store
-from tasks.cache_store import CacheReader
-from tasks.crop_cache import build_crop_cache, crop_cache_dir, ensure_crop_cache, plan_crop_cache
-from tasks.dataset import load_pixels, to_input
-from tasks.image_cache import build_image_cache, cached_pixels
-from tasks.images import load_image_uint8
-from tasks.split import read_splits
-from tasks.weights import digest_file, load_branch, load_weights, save_weights
+from tasks.images import cache_store
+from tasks.images.cache_store import CacheReader
+from tasks.training.crop_cache import build_crop_cache, crop_cache_dir, ensure_crop_cache, plan_crop_cache
+from tasks.training.dataset import load_pixels
+from tasks.images.geometry import to_input
+from tasks.images.image_cache import build_image_cache, cached_pixels
+from tasks.images.loader import load_image_uint8
+from tasks.metadata.split import read_splits
+from cxr.core.digest import file_sha256
+from tasks.bundle.weights import load_branch, load_weights, save_weights
 from tests.conftest import NIH_SAMPLE, ROOT
 from tests.data.make_bad_corpus import make_bad_corpus
 
@@ -136,7 +138,7 @@ def test_cached_crops_equal_on_the_fly_crops(small):
     build_image_cache(params.paths.images, read_splits(params.paths.processed / "splits.parquet")["image_id"],
                       params.paths.cache / "images", 64, 64)
     reader = ensure_crop_cache(params)
-    assert reader.meta["global_digest"] == digest_file(params.paths.models / "global.safetensors")
+    assert reader.meta["global_digest"] == file_sha256(params.paths.models / "global.safetensors")
     ids = reader.ids[:24]
     rows = reader.rows(ids)
     pixels = load_pixels(ids, params.paths.images, 64)
@@ -198,11 +200,11 @@ def test_stale_weights_or_params_are_detected_and_rebuilt(small, tmp_path, prefe
     assert not plan_crop_cache(params).up_to_date
     rebuilt = cache_crops_flow(params)
     assert not rebuilt["up_to_date"] and rebuilt["key"] != built["key"]
-    assert CacheReader(crop_cache_dir(params)).meta["global_digest"] == digest_file(tmp_path / "models" / "global.safetensors")
+    assert CacheReader(crop_cache_dir(params)).meta["global_digest"] == file_sha256(tmp_path / "models" / "global.safetensors")
 
 
 def test_stages_two_and_three_train_from_the_crop_cache(small):
-    from tasks.train import train_stage
+    from tasks.training.stages import train_stage
 
     key = build_crop_cache(small)["key"]
     local = train_stage(small, "local", progress=False)

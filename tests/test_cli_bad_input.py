@@ -139,7 +139,7 @@ def test_pipeline_on_real_files_refuses_a_leaking_split_assignment(tmp_path, pre
 def test_data_keys_are_confined_and_consistent(tmp_path):
     import pydantic
 
-    from cxr.config import Params
+    from cxr.core.config import Params
 
     ok = Params.model_validate({"data": {"metadata": str(tmp_path / "a.csv"), "images_dir": str(tmp_path / "img")},
                                 "paths": {"roots": [str(tmp_path), "data"]}})

@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cxr.config import DaskParams
-from tasks import cache_store
-from tasks.image_cache import build_image_cache
-from tasks.split import read_splits
+from cxr.core.config import DaskParams
+from tasks.images import cache_store
+from tasks.images.image_cache import build_image_cache
+from tasks.metadata.split import read_splits
 from tests.conftest import NIH_SAMPLE, make_params, registered_copy, run_cxr
 from tests.test_cache import small  # noqa: F401  (the trained 240-image crop-cache workspace)
 
@@ -206,7 +206,7 @@ def scoring(trained, tmp_path_factory):
 
     import pandas as pd
 
-    from tasks.score import score_studies
+    from tasks.scoring.run import score_studies
 
     params = registered_copy(trained, "dask-score-models", batch_size=4, overlay_size=96)
     inputs = tmp_path_factory.mktemp("dask-inputs")
@@ -224,8 +224,8 @@ def _assert_same_scores(out: Path, reference) -> None:
     import numpy as np
     import pandas as pd
 
-    from cxr.labels import LABEL_COLUMNS
-    from tasks.score import FLAG_COLUMNS
+    from cxr.core.labels import LABEL_COLUMNS
+    from tasks.scoring.rows import FLAG_COLUMNS
 
     got = pd.read_parquet(out / "scores.parquet")
     assert got["study_id"].is_unique and len(got) == len(reference)

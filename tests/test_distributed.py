@@ -8,9 +8,9 @@ import shutil
 
 import torch
 
-from tasks.distributed import train_distributed
-from tasks.train import train_stage
-from tasks.weights import load_weights
+from tasks.training.distributed import train_distributed
+from tasks.training.stages import train_stage
+from tasks.bundle.weights import load_weights
 
 
 def _with(params, tmp_path, name):

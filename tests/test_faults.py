@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from tasks.weights import digest_file
+from cxr.core.digest import file_sha256
 from tests.conftest import ROOT, VENV_BIN, clean_env, make_params, run_cxr
 from tests.test_orchestration import _fresh_copy
 
@@ -80,7 +80,7 @@ def test_sigkill_mid_epoch_resumes_to_the_uninterrupted_result(workspace, tmp_pa
     # The reference runs the same way, as a command: same process setup, same float arithmetic.
     reference = run_cxr("--params", str(_params_file(clean, tmp_path / "clean.yaml")), "train", "--stage", "global")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    assert digest_file(tmp_path / "clean" / "global.safetensors") == digest_file(tmp_path / "killed" / "global.safetensors")
+    assert file_sha256(tmp_path / "clean" / "global.safetensors") == file_sha256(tmp_path / "killed" / "global.safetensors")
 
 
 def test_sigkill_during_a_dvc_stage_then_repro_completes_bitwise(tmp_path, prefect_server):

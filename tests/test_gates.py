@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxr.errors import DataError
+from cxr.core.errors import DataError
 from tests.conftest import NIH_SAMPLE, STUDIES, run_cxr, registered_copy
 
 NIH_IMAGES = sorted((NIH_SAMPLE / "images").glob("*.png"))
@@ -41,7 +41,7 @@ def _copy(sources, folder: Path) -> Path:
 
 
 def _score(params, input_dir, out_dir):
-    from tasks.score import score_studies
+    from tasks.scoring.run import score_studies
 
     return score_studies(params, input_dir, out_dir)
 
@@ -70,7 +70,7 @@ def test_cli_refuses_swapped_weights_and_writes_nothing(params, tmp_path, prefec
 
 
 def test_links_outside_the_input_and_bad_sizes_are_rejected_unread(params, tmp_path, monkeypatch):
-    import tasks.score as score
+    import tasks.scoring.run as score
 
     small, large = sorted(NIH_IMAGES[:2], key=lambda p: p.stat().st_size)
     assert small.stat().st_size < large.stat().st_size
@@ -135,7 +135,7 @@ def _cli(*args: str) -> tuple[int, str, str]:
 
 def test_nan_scores_publish_nothing_and_keep_the_last_good_report(params, tmp_path, monkeypatch, prefect_server):
     import flows.score  # noqa: F401  Prefect binds its log handlers to the streams of its first import: not ours
-    import tasks.score as score
+    import tasks.scoring.run as score
 
     params_file = _params_file(params, tmp_path / "p.yaml")
     out = tmp_path / "out"
@@ -174,8 +174,8 @@ def test_nan_scores_publish_nothing_and_keep_the_last_good_report(params, tmp_pa
 
 
 def test_scores_gate_names_out_of_range_and_duplicate_rows(tmp_path):
-    from cxr.labels import LABEL_COLUMNS
-    from tasks.validate import validate_scores
+    from cxr.core.labels import LABEL_COLUMNS
+    from tasks.scoring.gates import validate_scores
 
     rows = pd.DataFrame({"study_id": ["a.png", "b.png", "c.png"], "model_digest": ["m"] * 3,
                          "status": ["scored", "scored", "rejected"], "key": ["s1|m", "s1|m", "path:c|m"],
@@ -224,8 +224,8 @@ def test_tasks_retry_transient_io_but_not_bad_data(prefect_server):
 
 
 def test_score_gate_data_docs_are_rebuilt_only_when_the_outcome_changes(tmp_path):
-    from cxr.labels import LABEL_COLUMNS
-    from tasks.validate import validate_scores
+    from cxr.core.labels import LABEL_COLUMNS
+    from tasks.scoring.gates import validate_scores
 
     def rows(n: int, bad: bool = False) -> pd.DataFrame:
         frame = pd.DataFrame({"study_id": [f"s{i}.png" for i in range(n)], "model_digest": ["m"] * n,

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.errors import DataError
-from tasks.images import LoaderLimits, file_sha256, load_image, load_image_uint8, sniff_kind
+from cxr.core.errors import DataError
+from tasks.images.loader import LoaderLimits, load_image, load_image_uint8, sniff_kind
+from cxr.core.digest import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -186,7 +187,7 @@ def test_16bit_png_scaled_by_65535(corpus):
 
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
 def test_16bit_modes_in_memory(mode):
-    from tasks.images import _pil_to_gray
+    from tasks.images.loader import _pil_to_gray
 
     values = np.array([[0, 1000, 32768, 65535]] * 2, dtype=np.uint16)
     if mode == "I":

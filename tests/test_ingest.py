@@ -5,9 +5,9 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from cxr.errors import DataError
-from cxr.labels import LABEL_COLUMNS, NO_FINDING_COLUMN
-from tasks.ingest import SCHEMA, packaged_metadata_path, read_metadata, read_metadata_csv, write_metadata
+from cxr.core.errors import DataError
+from cxr.core.labels import LABEL_COLUMNS, NO_FINDING_COLUMN
+from tasks.metadata.ingest import SCHEMA, packaged_metadata_path, read_metadata, read_metadata_csv, write_metadata
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_non_numeric_age_names_the_row(sample_csv, tmp_path):
 
 
 def test_params_paths_are_confined_to_the_data_roots(tmp_path):
-    from cxr.config import load_params
+    from cxr.core.config import load_params
 
     bad = tmp_path / "params.yaml"
     bad.write_text("paths:\n  models: /etc/cxr-models\n")

@@ -10,16 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
-from cxr.config import ModelParams, Params, load_params
-from cxr.errors import DataError
-from tasks.dataset import (PixelDataset, SplitData, center_crop, center_offset, crop, input_box_to_image, load_split,
-                           network_pixels_from_image)
-from tasks.image_cache import build_image_cache, cached_pixels
-from tasks.images import load_image, load_image_uint8
-from tasks.ingest import read_metadata
-from tasks.split import read_splits
-from tasks.train import epoch_draws, train_stage
-from tasks.weights import load_branch, load_weights
+from cxr.core.config import ModelParams, Params, load_params
+from cxr.core.errors import DataError
+from tasks.training.dataset import PixelDataset, SplitData, load_split
+from tasks.images.geometry import center_crop, center_offset, crop, input_box_to_image, network_pixels_from_image
+from tasks.images.image_cache import build_image_cache, cached_pixels
+from tasks.images.loader import load_image, load_image_uint8
+from tasks.metadata.ingest import read_metadata
+from tasks.metadata.split import read_splits
+from tasks.training.stages import epoch_draws, train_stage
+from tasks.bundle.weights import load_branch, load_weights
 from tests.conftest import NIH_SAMPLE, ROOT, make_params
 
 IMAGES = NIH_SAMPLE / "images"
@@ -153,8 +153,8 @@ def test_stage_one_with_random_crops_is_deterministic_resumable_and_cache_agnost
 
 def test_crop_cache_global_input_is_the_centre_crop(cropped, tmp_path):
     from models.agcnn import attention_crops
-    from tasks.crop_cache import ensure_crop_cache, plan_crop_cache
-    from tasks.dataset import to_input
+    from tasks.training.crop_cache import ensure_crop_cache, plan_crop_cache
+    from tasks.images.geometry import to_input
 
     params = _at(cropped[0], tmp_path)
     (tmp_path / "models").mkdir()
@@ -196,9 +196,9 @@ def test_resize_below_image_size_is_refused_before_any_work(tmp_path, capsys):
 def test_weights_refuse_another_input_geometry(trained):
     """Scoring and evaluation load the model through load_agcnn: weights trained on 64 px
     inputs from 64 px images are refused for 64 px crops of 80 px images, with both named."""
-    from tasks.weights import load_agcnn
+    from tasks.bundle.weights import load_agcnn
 
-    load_agcnn(trained.paths.models, trained)  # the params it was trained with
+    load_agcnn(trained.paths.models, trained.model)  # the params it was trained with
     other = trained.model_copy(update={"model": trained.model.model_copy(update={"resize": 80})})
     with pytest.raises(DataError, match=r"trained on 64 px inputs cut from images resized to 64 px.*64 px from 80 px"):
-        load_agcnn(trained.paths.models, other)
+        load_agcnn(trained.paths.models, other.model)

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import NIH_SAMPLE, registered_copy
-from cxr.errors import DataError
-from tasks import ood
-from tasks.images import load_image
+from cxr.core.errors import DataError
+from tasks.scoring import precheck as ood
+from tasks.images.loader import load_image
 
-from tasks.ood_corpus import FAR, NEAR, make_ood_corpus
+from tasks.evaluation.ood_corpus import FAR, NEAR, make_ood_corpus
 
 STUDIES = NIH_SAMPLE.parent / "studies"
 
@@ -79,15 +79,15 @@ def test_real_radiographs_pass_the_precheck():
 
 
 def test_synthetic_demo_images_pass_the_precheck():
-    from cxr.labels import PATHOLOGIES
-    from tasks.synth import _anatomy, render_image
+    from cxr.core.labels import PATHOLOGIES
+    from tasks.metadata.synth import anatomy, render_image
 
     rng = np.random.default_rng(2024)  # another seed than the reference's renderings
     refused = 0
     for i in range(120):
         size = (128, 96, 192)[i % 3]
         findings = list(rng.choice(PATHOLOGIES, size=int(rng.integers(0, 4)), replace=False))
-        pixels, _ = render_image(size, _anatomy(size, rng), findings, rng)
+        pixels, _ = render_image(size, anatomy(size, rng), findings, rng)
         refused += ood.precheck(pixels / 255.0, {}) is not None
     assert refused / 120 <= 0.05
 
@@ -137,9 +137,9 @@ def gated(trained):
 
 
 def test_registering_fits_the_gate_on_the_train_split(gated):
-    from tasks.crop_cache import ensure_crop_cache
-    from tasks.split import read_splits
-    from tasks.weights import model_digest
+    from tasks.training.crop_cache import ensure_crop_cache
+    from tasks.metadata.split import read_splits
+    from tasks.bundle.weights import model_digest
 
     params = gated
     models = Path(params.paths.models)
@@ -162,7 +162,7 @@ def test_registering_fits_the_gate_on_the_train_split(gated):
 
 
 def test_scoring_refuses_out_of_distribution_files(gated, corpus, tmp_path):
-    from tasks.score import Scorer
+    from tasks.scoring.scorer import Scorer
 
     root, _ = corpus
     items = [("photo", root / "photo_colour_chelsea.png"), ("text", root / "text_page.png"),
@@ -190,11 +190,11 @@ def test_scoring_refuses_out_of_distribution_files(gated, corpus, tmp_path):
 
 
 def test_evaluation_reports_the_detector(gated):
-    from tasks.dataset import load_split
-    from tasks.evaluate import ood_detector, ood_metrics, render_ood
-    from tasks.ingest import read_metadata
-    from tasks.split import read_splits
-    from tasks.weights import load_agcnn
+    from tasks.training.dataset import load_split
+    from tasks.evaluation.evaluate import ood_detector, ood_metrics, render_ood
+    from tasks.metadata.ingest import read_metadata
+    from tasks.metadata.split import read_splits
+    from tasks.bundle.weights import load_agcnn
 
     params = gated
     meta = read_metadata(Path(params.paths.interim) / "metadata.parquet")

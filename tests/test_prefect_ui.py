@@ -50,8 +50,8 @@ def scoring_run(trained, tmp_path_factory, prefect_server, sample_csv):
     # params and inputs) and goes on to evaluation: the whole DAG in one flow run, in seconds.
     shutil.copytree(trained.paths.models, models)
     params_file = _params_file(trained, root / "params.yaml", models=models)
-    from tasks.registry import register
-    from cxr.config import load_params
+    from tasks.training.registration import register
+    from cxr.core.config import load_params
 
     register(load_params(params_file))
     pipeline = run_cxr("--params", str(params_file), "pipeline", "--metadata", str(sample_csv))
@@ -65,7 +65,7 @@ def test_cxr_pipeline_runs_the_whole_dag_on_the_nih_sample(scoring_run, trained)
     """`cxr pipeline` on the real 800-image NIH sample: ingest, patient split, caches, the three
     stages (resumed from their finished checkpoints) and evaluation, with the No Finding vs
     any-finding AUROC beside the 14-class means."""
-    from tasks.weights import model_digest
+    from tasks.bundle.weights import model_digest
 
     summary = scoring_run["pipeline"]
     assert summary["images"] == 800 and summary["patients"] == 211

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from cxr.errors import DataError
-from cxr.labels import LABEL_COLUMNS
+from cxr.core.errors import DataError
+from cxr.core.labels import LABEL_COLUMNS
 from tests.conftest import NIH_SAMPLE, ROOT, STUDIES, VENV_BIN, registered_copy, run_cxr
 from tests.data.make_bad_corpus import make_bad_corpus
 
@@ -39,7 +39,7 @@ def nih_inputs(tmp_path_factory) -> Path:
 
 
 def _score(params, input_dir, out_dir, **kw):
-    from tasks.score import score_studies
+    from tasks.scoring.run import score_studies
 
     return score_studies(params, input_dir, out_dir, **kw)
 
@@ -62,10 +62,10 @@ def _write_params(params, path: Path) -> Path:
 
 
 def test_real_studies_are_scored_with_sensible_outputs(params, tmp_path):
-    from tasks.images import load_image_uint8
-    from tasks.report import NOT_A_DEVICE, write_report
-    from tasks.score import network_pixels
-    from tasks.images import load_image
+    from tasks.images.loader import load_image_uint8
+    from tasks.scoring.report import NOT_A_DEVICE, write_report
+    from tasks.images.geometry import network_pixels_from_image as network_pixels
+    from tasks.images.loader import load_image
 
     out = tmp_path / "out"
     summary = _score(params, STUDIES, out)
@@ -106,7 +106,7 @@ def _with_score(params, **update):
 
 
 def test_bad_corpus_each_file_scored_or_rejected_with_its_reason(params, tmp_path):
-    from tasks.report import write_report
+    from tasks.scoring.report import write_report
 
     corpus = tmp_path / "corpus"
     manifest = make_bad_corpus(corpus)
@@ -139,7 +139,7 @@ def test_bad_corpus_each_file_scored_or_rejected_with_its_reason(params, tmp_pat
 
 
 def test_thresholds_rule_and_fallback():
-    from tasks.thresholds import operating_thresholds
+    from tasks.bundle.thresholds import operating_thresholds
 
     y = np.array([[0, 0], [0, 0], [1, 0], [0, 0], [1, 0], [1, 0]], dtype=float)
     p = np.array([[0.1, 0.9], [0.4, 0.1], [0.35, 0.2], [0.5, 0.3], [0.7, 0.4], [0.9, 0.5]])
@@ -153,10 +153,10 @@ def test_thresholds_rule_and_fallback():
 
 
 def test_thresholds_are_stored_once_per_model_digest(params, tmp_path, monkeypatch):
-    import tasks.thresholds as th
-    from tasks.weights import load_agcnn, model_digest
+    import tasks.bundle.thresholds as th
+    from tasks.bundle.weights import load_agcnn, model_digest
 
-    model = load_agcnn(params.paths.models, params)
+    model = load_agcnn(params.paths.models, params.model)
     digest = model_digest(params.paths.models)
     path = params.paths.models / "thresholds.json"  # usually computed by an earlier test already
     first = th.load_or_compute_thresholds(params, model, "cpu", digest, path)
@@ -266,8 +266,8 @@ def _colour_photo(path: Path) -> Path:
 def test_rows_and_json_carry_the_ood_verdict_and_branch_probabilities(params, tmp_path):
     import pyarrow.parquet as pq
 
-    from tasks.ood import OOD_PREFIX
-    from tasks.score import Scorer
+    from tasks.bundle.ood_gate import OOD_PREFIX
+    from tasks.scoring.scorer import Scorer
 
     inputs = tmp_path / "in"
     shutil.copytree(STUDIES, inputs)
@@ -299,8 +299,8 @@ def test_rows_and_json_carry_the_ood_verdict_and_branch_probabilities(params, tm
 def test_scorer_api_and_gate_modes(params, tmp_path):
     import dataclasses
 
-    from tasks.ood import OOD_PREFIX
-    from tasks.score import Scorer
+    from tasks.bundle.ood_gate import OOD_PREFIX
+    from tasks.scoring.scorer import Scorer
 
     scorer = Scorer.load(params)
     items = [("nih.png", STUDIES / "00000001_000.png"), ("mono1.dcm", STUDIES / "Fake_MONOHR1.dcm"),
@@ -347,7 +347,7 @@ def _broken(path: Path) -> Path:
 
 def test_a_failed_write_leaves_no_half_output_and_the_rerun_completes(params, nih_inputs, clean_nih, tmp_path,
                                                                        monkeypatch):
-    import tasks.score as score
+    import tasks.scoring.run as score
 
     failing = sorted(p.name for p in nih_inputs.iterdir())[9]  # the third batch of 4
     real_save = score.save_png

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr.errors import DataError
-from cxr.labels import LABEL_COLUMNS
-from tasks.ingest import packaged_metadata_path, read_metadata_csv, write_metadata
-from tasks.split import class_weights, patient_split, read_assignments, run_split
+from cxr.core.errors import DataError
+from cxr.core.labels import LABEL_COLUMNS
+from tasks.metadata.ingest import packaged_metadata_path, read_metadata_csv, write_metadata
+from tasks.metadata.split import class_weights, patient_split, read_assignments, run_split
 
 RATIOS = {"train": 0.7, "valid": 0.1, "test": 0.2}
 

@@ -8,10 +8,11 @@ import pickle
 import pytest
 import torch
 
-from tasks.dataset import to_input
-from tasks.evaluate import evaluate
-from tasks.train import train_stage
-from tasks.weights import digest_file, load_agcnn, load_weights
+from tasks.images.geometry import to_input
+from tasks.evaluation.evaluate import evaluate
+from tasks.training.stages import train_stage
+from cxr.core.digest import file_sha256
+from tasks.bundle.weights import load_agcnn, load_weights
 from tests.conftest import make_params
 
 
@@ -20,7 +21,7 @@ def test_three_stages_then_evaluate(trained):
     summaries = {stage: json.loads((params.paths.metrics / f"train_{stage}.json").read_text()) for stage in ("global", "local", "fusion")}
     for stage, summary in summaries.items():
         path = params.paths.models / f"{stage}.safetensors"
-        assert summary["digest"] == digest_file(path)
+        assert summary["digest"] == file_sha256(path)
         _, meta = load_weights(path)
         assert meta["stage"] == stage and meta["backbone"] == "resnet18"
         assert 0.0 <= summary["best_valid_mean_auroc"] <= 1.0
@@ -28,7 +29,7 @@ def test_three_stages_then_evaluate(trained):
     # Local and fusion record the exact upstream weights they were trained on.
     assert load_weights(params.paths.models / "fusion.safetensors")[1]["upstream"] == {"global": summaries["global"]["digest"], "local": summaries["local"]["digest"]}
 
-    model = load_agcnn(params.paths.models, params)
+    model = load_agcnn(params.paths.models, params.model)
     out = model(torch.zeros(2, 3, 64, 64))
     assert out.fusion_logits.shape == (2, 14) and out.boxes.shape == (2, 4)
 
@@ -53,7 +54,7 @@ def test_three_stages_then_evaluate(trained):
 def test_any_finding_auroc_by_hand():
     import numpy as np
 
-    from tasks.evaluate import any_finding_auroc
+    from tasks.evaluation.evaluate import any_finding_auroc
 
     y = np.zeros((4, 14))
     y[1, 3] = y[3, 0] = y[3, 9] = 1  # images 1 and 3 have findings
@@ -71,8 +72,8 @@ def test_nih_boxes_scale_from_1024_px_and_apply_only_to_real_images(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from tasks.evaluate import localization, read_true_boxes, true_box_scales
-    from tasks.ingest import packaged_metadata_path
+    from tasks.evaluation.evaluate import localization, read_true_boxes, true_box_scales
+    from tasks.metadata.ingest import packaged_metadata_path
     from tests.conftest import NIH_SAMPLE
 
     nih = read_true_boxes(packaged_metadata_path().parent / "BBox_List_2017.csv.gz")
@@ -99,7 +100,7 @@ def test_nih_boxes_scale_from_1024_px_and_apply_only_to_real_images(tmp_path):
 
 def test_resume_after_interruption_equals_uninterrupted_run(workspace, tmp_path):
     # With augmentation on: its draws come from the epoch generator, so resume stays bitwise.
-    from cxr.config import AugmentParams
+    from cxr.core.config import AugmentParams
 
     base = make_params(workspace, epochs=2)
     base = base.model_copy(update={"train": base.train.model_copy(update={
@@ -112,7 +113,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(workspace, tmp_path)
     assert not (tmp_path / "b" / "global.safetensors").exists()
     summary = train_stage(resumed, "global", progress=False)
     assert [h["epoch"] for h in summary["history"]] == [0, 1]
-    assert digest_file(tmp_path / "a" / "global.safetensors") == digest_file(tmp_path / "b" / "global.safetensors")
+    assert file_sha256(tmp_path / "a" / "global.safetensors") == file_sha256(tmp_path / "b" / "global.safetensors")
 
 
 class _Payload:
@@ -143,10 +144,10 @@ def test_fusion_starts_at_the_ensemble_and_stops_early(trained, tmp_path):
     import shutil
 
     from models.fusion import FusionHead
-    from tasks.crop_cache import CropDataset, crop_split, ensure_crop_cache
-    from tasks.ingest import read_metadata
-    from tasks.split import read_splits
-    from tasks.train import StageModel
+    from tasks.training.crop_cache import CropDataset, crop_split, ensure_crop_cache
+    from tasks.metadata.ingest import read_metadata
+    from tasks.metadata.split import read_splits
+    from tasks.training.stages import StageModel
 
     params = trained
     models = tmp_path / "models"
@@ -176,10 +177,10 @@ def test_fusion_starts_at_the_ensemble_and_stops_early(trained, tmp_path):
 
 
 def test_param_groups_slow_a_pretrained_body_only():
-    from cxr.config import StageParams
+    from cxr.core.config import StageParams
     from models.branch import build_branch
     from models.fusion import FusionHead
-    from tasks.train import param_groups, patience_spent
+    from tasks.training.stages import param_groups, patience_spent
 
     branch = build_branch("resnet18")
     sp = StageParams(lr=0.01, body_lr_scale=0.1)
@@ -194,7 +195,7 @@ def test_param_groups_slow_a_pretrained_body_only():
 
 
 def test_evaluation_compares_branches_on_validation_and_records_them(trained):
-    from tasks.registry import read_registry
+    from tasks.bundle.registry import read_registry
     from tests.conftest import registered_copy
 
     params = registered_copy(trained, "models-eval")

@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cxr.errors import DataError
-from cxr.labels import LABEL_COLUMNS, NO_FINDING, NO_FINDING_COLUMN, PATHOLOGIES
-from tasks.validate import validate_metadata, validate_split
+from cxr.core.errors import DataError
+from cxr.core.labels import LABEL_COLUMNS, NO_FINDING, NO_FINDING_COLUMN, PATHOLOGIES
+from tasks.metadata.suites import validate_metadata, validate_split
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NIH_SAMPLE = SHARED_DATA / "nih-sample-64"

@@ -23,7 +23,8 @@ def runs_of(request: Request) -> dict:
     return discover_runs(params.app_runs(), params.app_store())
 
 
-def _run(request: Request, run_id: str):
+def run_or_404(request: Request, run_id: str):
+    """The run `run_id` names; HTTP 404 when there is none."""
     run = runs_of(request).get(valid_id(run_id, "run"))
     if run is None:
         raise HTTPException(404, "no such run")
@@ -72,7 +73,7 @@ def run_studies(request: Request, run_id: str, sort: str = "max_flagged_probabil
                 order: str = Query("desc", pattern="^(asc|desc)$"), offset: int = Query(0, ge=0),
                 limit: int = Query(1000, ge=1, le=10000)) -> dict:
     """The run's studies as rows (highest flagged probability first by default), each with its page."""
-    run = _run(request, run_id)
+    run = run_or_404(request, run_id)
     rows = run_rows(run, sort, order == "desc")
     page = rows.iloc[offset : offset + limit]
     return {"run_id": run.run_id, "kind": run.kind, "total": len(rows), "offset": offset,

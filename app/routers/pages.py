@@ -9,8 +9,8 @@ from urllib.parse import quote
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 
-from cxr.labels import PATHOLOGIES
-from app.routers.api import _run
+from cxr.core.labels import PATHOLOGIES
+from app.routers.api import run_or_404
 from app.runs import APP_RUN, SORTABLE, clean, find_study, run_rows
 from app.security import SESSION_COOKIE, safe_next, session_value, signed_in, valid_id
 from app.uploads import UploadError, receive_files
@@ -84,7 +84,7 @@ def run_page(request: Request, run_id: str, sort: str = "max_flagged_probability
              order: str = Query("desc", pattern="^(asc|desc)$")):
     if not signed_in(request):
         return _signin_redirect(request)
-    run = _run(request, run_id)
+    run = run_or_404(request, run_id)
     sort = sort if sort in SORTABLE else "max_flagged_probability"
     rows = [public_facts(clean(r), run.run_id) for r in run_rows(run, sort, order == "desc").to_dict("records")]
     return _page(request, "run.html", {"run": run, "rows": rows, "sort": sort, "order": order})
@@ -130,7 +130,7 @@ def study_picture(request: Request, run_id: str, name: str, picture: str):
 
 
 def _study(request: Request, run_id: str, name: str):
-    run = _run(request, run_id)
+    run = run_or_404(request, run_id)
     row = find_study(run, valid_id(name, "study"))
     if row is None:
         raise HTTPException(404, "no such study in this run")

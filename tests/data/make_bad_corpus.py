@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 try:  # the project's atomic writer when the package is installed; plain writes otherwise
-    from cxr.atomic import atomic_write_bytes
+    from cxr.core.atomic import atomic_write_bytes
 except ImportError:  # pragma: no cover
     def atomic_write_bytes(target, data: bytes) -> None:
         Path(target).write_bytes(data)

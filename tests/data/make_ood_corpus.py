@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tasks.ood_corpus import FAR, NEAR, make_ood_corpus
+from tasks.evaluation.ood_corpus import FAR, NEAR, make_ood_corpus
 
 __all__ = ["FAR", "NEAR", "make_ood_corpus"]
 

@@ -1,0 +1,269 @@
+"""Great Expectations, run the one way every gate of the workflow runs it.
+
+Each gate is a real GE 1.x expectation suite (built in code from `gx.expectations.*`) run
+through a pandas batch definition of one in-process ephemeral context. A run writes
+`<out_dir>/<suite>_validation.json` (GE's own result) and GE Data Docs under
+`<out_dir>/data_docs/` (entry point `data_docs/index.html`), on success and on failure alike,
+and a failed suite raises `DataError` with one short paragraph naming what failed.
+
+The suites themselves live beside the data they check: "metadata" and "splits" in
+`tasks/metadata/suites.py`, "score_manifest" and "scores" in `tasks/scoring/gates.py`.
+Expectations tagged `meta={"on_failure": "reject"}` are recorded (JSON, Data Docs) but do not
+fail the gate: the caller turns those rows into rejected rows itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from cxr.core.atomic import atomic_write_bytes, atomic_write_json
+from cxr.core.errors import DataError
+
+# GE phones home (analytics) and draws tqdm bars unless told not to; set before it is imported.
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+# "No Finding" next to a pipe means it was joined with some other label.
+
+# SUMMARY keeps results small on 112k rows yet still lists the first offending rows by index.
+_RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 20}
+_SHOW = 10  # offending values named in an error message before "and N more"
+
+_CTX = None  # the one GE context of this process (created lazily: importing GE takes seconds)
+_LOCK = threading.Lock()  # one context and one docs store: serialise runs (Prefect may thread)
+_DOCS: dict[str, dict[str, tuple]] = {}  # out_dir -> suite -> (result key, result) for its docs
+
+
+
+
+
+
+
+
+
+
+
+
+_SUITES: dict[str, Callable] = {}  # suite name -> builder(gx.expectations) -> [expectations]
+
+
+def register_suite(name: str, build: Callable) -> None:
+    """Declare suite `name`, built from `build(gx.expectations)` the first time it runs.
+
+    Suites live beside the data they check (tasks/metadata/suites.py, tasks/scoring/gates.py);
+    this module only runs them.
+    """
+    _SUITES[name] = build
+
+
+def _context():
+    """The process-wide ephemeral GE context, with a suite and validation definition for every
+    registered suite (added on first use: a suite module may be imported after the first run)."""
+    global _CTX
+    import great_expectations as gx
+
+    if _CTX is None:
+        from great_expectations.data_context.types.base import (
+            DataContextConfig, InMemoryStoreBackendDefaults, ProgressBarsConfig)
+
+        ctx = gx.get_context(mode="ephemeral", project_config=DataContextConfig(
+            store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+            analytics_enabled=False, progress_bars=ProgressBarsConfig(globally=False)))
+        ctx.data_sources.add_pandas("cxr")
+        _CTX = ctx
+    ctx = _CTX
+    source = ctx.data_sources.get("cxr")
+    known = {d.name for d in ctx.validation_definitions.all()}
+    for name, build in _SUITES.items():
+        if name in known:
+            continue
+        suite = ctx.suites.add(gx.ExpectationSuite(name=name))
+        for expectation in build(gx.expectations):
+            suite.add_expectation(expectation)
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+        ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+    return ctx
+
+
+def run_suite(suite: str, frame: pd.DataFrame, out_dir: Path, source: str, params: dict, docs: str = "always") -> dict:
+    """Validate `frame` with `suite`; write its result JSON and Data Docs under `out_dir`.
+
+    docs "always" rebuilds Data Docs every run; "changed" only when the suite's outcome (which
+    expectations pass, and the failures' counts) differs from the one its pages show, or they
+    are missing: a clean run's outcome rarely changes, and a docs build costs seconds.
+    """
+    with _LOCK:
+        return _run_locked(suite, frame, out_dir, source, params, docs)
+
+
+def _run_locked(suite: str, frame: pd.DataFrame, out_dir: Path, source: str, params: dict, docs: str = "always") -> dict:
+    ctx = _context()
+    definition = ctx.validation_definitions.get(suite)
+    result = definition.run(batch_parameters={"dataframe": frame}, expectation_parameters=params,
+                            result_format=_RESULT_FORMAT)
+    out_dir = Path(out_dir).resolve()  # GE site stores insist on absolute paths
+    payload = result.to_json_dict()
+    atomic_write_json(out_dir / f"{suite}_validation.json", payload)
+    _build_docs(ctx, out_dir, suite, result, _outcome(payload) if docs == "changed" else None)
+    summary = {
+        "suite": suite,
+        # GE's own success also counts failures tagged "reject"; the gate does not.
+        "success": not any(_blocks(r) for r in payload["results"]),
+        "statistics": payload["statistics"],
+        "results": [{"expectation": r["expectation_config"]["type"],
+                     "description": r["expectation_config"].get("description"),
+                     "kwargs": {k: v for k, v in r["expectation_config"]["kwargs"].items()
+                                if k != "batch_id"},
+                     "success": r["success"],
+                     **{k: r["result"][k] for k in ("observed_value", "unexpected_count")
+                        if k in r["result"]}} for r in payload["results"]],
+        "validation_json": str(out_dir / f"{suite}_validation.json"),
+        "data_docs": str(out_dir / "data_docs" / "index.html"),
+    }
+    rejected = {r["expectation_config"].get("description"): r["result"].get("unexpected_count", 0)
+                for r in payload["results"] if not r["success"] and not _blocks(r)}
+    if rejected:
+        summary["rejected"] = rejected
+    if not summary["success"]:
+        # Report in suite order (GE returns results in metric-resolution order).
+        order = {e.id: i for i, e in enumerate(definition.suite.expectations)}
+        error = DataError(_explain(payload, frame, params, order), where=source)
+        error.summary = summary  # callers (CLI, flow) can still record what was checked
+        raise error
+    return summary
+
+
+def _outcome(payload: dict) -> list:
+    """What a suite's Data Docs page says, less run ids and timings: each expectation's verdict
+    and, for a failure, how many rows failed it."""
+    return sorted([r["expectation_config"]["type"], r["expectation_config"].get("description") or "",
+                   r["success"], None if r["success"] else r["result"].get("unexpected_count")]
+                  for r in payload["results"])
+
+
+def _build_docs(ctx, out_dir: Path, suite: str, result, outcome: list | None = None) -> None:
+    """Render Data Docs for this out_dir's latest result of each suite into out_dir/data_docs.
+
+    With an `outcome`, the build is skipped when the pages already show that outcome for
+    this suite (recorded in data_docs/.outcomes.json beside them).
+    """
+    store = ctx.validation_results_store
+    mine = _DOCS.setdefault(str(out_dir.resolve()), {})
+    mine[suite] = (next(k for k in store.list_keys() if k.run_id == result.meta["run_id"]
+                        and k.expectation_suite_identifier.name == suite), result)
+    record = out_dir / "data_docs" / ".outcomes.json"
+    shown = json.loads(record.read_text()) if record.exists() else {}
+    if outcome is not None and shown.get(suite) == outcome and (out_dir / "data_docs" / "index.html").exists():
+        return
+    # The store is shared by the process; keep only this out_dir's results so the index
+    # lists exactly the validations whose pages are in this folder.
+    for key in store.list_keys():
+        store.store_backend.remove_key(key.to_tuple())
+    for key, res in mine.values():
+        store.set(key, res)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=".data_docs.", dir=out_dir))
+    try:
+        site = {"class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(build)}}
+        if "cxr" in ctx.list_data_docs_sites():
+            ctx.update_data_docs_site("cxr", site)
+        else:
+            ctx.add_data_docs_site("cxr", site)
+        ctx.build_data_docs(site_names=["cxr"])
+        target = out_dir / "data_docs"
+        written = set()
+        for path in sorted(p for p in build.rglob("*") if p.is_file()):
+            rel = path.relative_to(build)
+            atomic_write_bytes(target / rel, path.read_bytes())
+            written.add(rel)
+        # Drop pages of earlier runs so the folder is exactly this build.
+        for path in [p for p in target.rglob("*") if p.is_file()]:
+            if path.relative_to(target) not in written:
+                path.unlink()
+        # The pages now show every suite's latest result in `mine`; "always" runs record none.
+        atomic_write_json(record, {name: _outcome(res.to_json_dict()) for name, (_, res) in mine.items()})
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _explain(payload: dict, frame: pd.DataFrame, params: dict, order: dict) -> str:
+    """One paragraph naming each failed expectation with a few offending values and rows."""
+    missing = set()
+    parts = []
+    for r in sorted(payload["results"], key=lambda r: order.get(r["expectation_config"].get("id"), 0)):
+        if not _blocks(r):
+            continue
+        cfg, res = r["expectation_config"], r["result"]
+        kind, kw, what = cfg["type"], cfg["kwargs"], cfg.get("description") or cfg["type"]
+        if kind == "expect_table_columns_to_match_set":
+            missing = set(res.get("details", {}).get("mismatched", {}).get("missing", []))
+            parts.append(f"{what}: {', '.join(sorted(missing))}")
+        elif kind == "expect_table_row_count_to_be_between":
+            parts.append(f"{what} (0 rows)")
+        elif _raised(r):
+            columns = {kw.get("column"), kw.get("column_A"), kw.get("column_B")} - {None}
+            if frame.empty or columns & missing or not columns <= set(frame.columns):
+                continue  # already reported as a missing column / empty table
+            parts.append(f"could not check {what}: {r['exception_info'].get('exception_message')}")
+        elif kind == "expect_column_distinct_values_to_contain_set":
+            absent = res.get("partial_missing_list") or [
+                s for s in kw["value_set"] if s not in set(frame.get("split", []))]
+            parts.append(f"{what}: {', '.join(absent)} has no images")
+        elif kind == "expect_column_mean_to_be_between":
+            split = kw["column"].removeprefix("in_")
+            lo, hi = params[f"{split}_min"], params[f"{split}_max"]
+            parts.append(f"{what}: {res.get('observed_value', float('nan')):.3f} not within "
+                         f"{lo:.3f}–{hi:.3f}")
+        elif kw.get("column") == "splits_of_patient":
+            n = res.get("unexpected_count", 0)
+            shown = [f"{frame.at[i, 'patient_id']} ({v})" for i, v in
+                     zip(res.get("partial_unexpected_index_list", []), res.get("partial_unexpected_list", []))]
+            parts.append(f"{what}: {n} patients in more than one split: " + _listing(shown, n))
+        else:
+            parts.append(f"{what}: " + _unexpected(res, frame, kw.get("column")))
+    return "; ".join(parts) + "." if parts else "validation failed."
+
+
+def _blocks(r: dict) -> bool:
+    """A failed expectation that fails the gate (not one whose rows the caller rejects)."""
+    return not r["success"] and (r["expectation_config"].get("meta") or {}).get("on_failure") != "reject"
+
+
+def _raised(r: dict) -> bool:
+    # exception_info is either one {raised_exception: ...} or a dict of them keyed by metric.
+    info = r.get("exception_info") or {}
+    if "raised_exception" in info:
+        return bool(info["raised_exception"])
+    return any(isinstance(v, dict) and v.get("raised_exception") for v in info.values())
+
+
+def _unexpected(res: dict, frame: pd.DataFrame, column: str | None) -> str:
+    """'value (where, where), ...' for the first offending values, then 'and N more rows'."""
+    by_value: dict[str, list[str]] = {}
+    ident = next((c for c in ("image_id", "study_id") if c in frame), None)
+    rows = ident is None or column == ident  # name rows by their id when we can
+    for i, v in zip(res.get("partial_unexpected_index_list", []), res.get("partial_unexpected_list", [])):
+        if isinstance(v, (list, tuple)):
+            v = " vs ".join(map(str, v))
+        by_value.setdefault(str(v), []).append(str(i) if rows else str(frame.at[i, ident]))
+    shown = [f"{v} ({('rows ' if len(w) > 1 else 'row ') if rows else ''}{', '.join(w)})"
+             for v, w in by_value.items()]
+    n = res.get("unexpected_count", len(shown))
+    text = _listing(shown, len(shown))
+    shown_rows = sum(len(w) for w in by_value.values())
+    return text + (f" ({n} rows in all)" if n > shown_rows else "")
+
+
+def _listing(items: list[str], total: int) -> str:
+    head = ", ".join(items[:_SHOW])
+    rest = total - min(len(items), _SHOW)
+    return head + (f", and {rest} more" if rest > 0 else "")

@@ -1,0 +1,278 @@
+"""Batch scoring of new studies: loader -> AG-CNN in batches -> rows, JSON, overlays, Parquet.
+
+The run of one folder: plan (manifest, bundle, gates, hashes) -> shards (one batch, one part
+file each) -> finish (fold behind the scores gate). The studies go through the one `Scorer`
+(`tasks.scoring.scorer`); the rows and parts are `tasks.scoring.rows`.
+
+Incremental and crash-safe. A study is keyed by (content sha256, model digest): one already
+in `scores.parquet` or in a part file is skipped. Each batch ends with one atomically
+written Parquet part under `out/parts/`, written only after every per-study file of the
+batch is on disk; the run ends by folding the parts into `scores.parquet` (atomically) and
+only then removing them, so a run killed anywhere leaves either a part or nothing for each
+batch, and the next run finishes without duplicates or lost rows. A file the loader or the
+out-of-distribution gate refuses becomes a `rejected` row with the reason; it never stops
+the batch.
+
+In-process runs are a three-stage pipeline (`run_shards`): decoder threads prepare the next
+batches while the model scores this one, and writer threads render and write the previous
+batches' pictures, each stage bounded to a couple of batches so memory stays flat and the
+forward pass does not wait on either.
+
+Two Great Expectations gates (`tasks/scoring/gates.py`, results and Data Docs in `out/validation/`)
+and the model bundle guard the run. Before anything is written: the bundle must be whole and
+its files the registered ones, and the input manifest must be keyable (unique ids and output names); a file
+resolving outside the input folder, missing, empty or over `score.max_bytes` is a rejected
+row, never read. Before `scores.parquet` is replaced: the folded table must have one row per
+(sha256, model digest) and finite probabilities in [0, 1]; if not, this run's parts and
+per-study files are discarded and the previous scores and report stay published.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cxr.core.atomic import atomic_path
+from cxr.core.config import Params
+from cxr.core.errors import DataError
+from tasks.scoring.gates import validate_score_manifest, validate_scores
+from tasks.scoring.rows import SCHEMA, ScoredStudy, consolidate, read_scores
+from tasks.scoring.scorer import Scorer
+from tasks.scoring.studies import Study, list_studies, reason_of, row_key, row_keys, sha_or_reason
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    """What every shard of one scoring run needs: small and picklable, sent to each shard task."""
+
+    params: Params
+    input_dir: Path
+    out_dir: Path
+    models_dir: Path
+    digest: str  # the bundle the plan verified; every shard scores with it
+    run_id: str
+
+
+@dataclass
+class ScorePlan:
+    """A scoring run, decided before any study is read: the new studies in shards of one batch."""
+
+    context: ScoreContext
+    shards: list[list[Study]]
+    summary: dict  # counts known from the manifest (files found, already scored, duplicates)
+    keys: list[str]  # (sha256, model digest) keys of this input's rows
+    scorer: Scorer | None = field(default=None, repr=False, compare=False)  # this process's, when planned here
+
+    def __getstate__(self):  # a plan crosses processes (Prefect results, Dask) without its model
+        return {**self.__dict__, "scorer": None}
+
+
+def plan_scoring(params: Params, input_dir: Path, out_dir: Path, *, models_dir: Path | None = None,
+                 digest: str | None = None, workers: int = 2) -> ScorePlan:
+    """Check the manifest and the weights, hash the inputs and split the new studies into shards.
+
+    Nothing is written but the validation results: a missing or changed bundle or an
+    unkeyable manifest stop the run here. Each shard is one batch and becomes one part file.
+    """
+    s = params.score
+    input_dir, out_dir = Path(input_dir), Path(out_dir)
+    models_dir = Path(models_dir or params.paths.models)
+    manifest = list_studies(input_dir, s.max_bytes)
+    # Before anything is written or hashed: no whole, registered bundle scores nothing.
+    scorer = Scorer.load(params, models_dir=models_dir, digest=digest)
+    refused = dict(zip(manifest["path"], manifest["reason"]))
+    files = list(manifest["path"])
+    with ThreadPoolExecutor(max(1, workers) + 1) as pool:  # hashers + the gate
+        # The manifest gate (seconds of Great Expectations set-up in a fresh process) runs while
+        # the inputs are hashed; nothing is scored until it has passed.
+        gate = pool.submit(validate_score_manifest, manifest.assign(path=manifest["path"].map(str)), s.max_bytes,
+                           out_dir / "validation", source=str(input_dir), docs=s.data_docs)
+        try:
+            # A refused file is never opened, not even to hash it.
+            hashed = list(pool.map(lambda p: (None, refused[p]) if isinstance(refused[p], str) else sha_or_reason(p), files))
+        finally:
+            gate.exception()  # wait for it either way: its result files are written whole
+        gate.result()  # an unkeyable manifest stops the run here
+    digest, entry = scorer.digest, scorer.threshold_entry
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(2)
+
+    known = read_scores(out_dir)
+    done = set(row_keys(known[known["model_digest"] == digest]))
+    todo, seen, keys, already, duplicates = [], set(), [], 0, 0
+    for path, (sha, reason) in zip(files, hashed):
+        study = Study(path.relative_to(input_dir).as_posix(), path, sha, reason)
+        key = row_key(sha, path, digest)
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        keys.append(key)
+        if key in done:
+            already += 1
+        else:
+            todo.append(study)
+
+    context = ScoreContext(params, input_dir, out_dir, models_dir, digest, run_id)
+    registered = scorer.entry
+    summary = {
+        "run_id": run_id, "input_dir": str(input_dir), "out_dir": str(out_dir), "model_digest": digest,
+        "backbone": registered["backbone"], "training_data_version": registered["training_data_version"],
+        "data_version": entry["data_version"], "threshold_rule": entry["rule"], "files_found": len(files),
+        "already_scored": already, "duplicates_in_input": duplicates, "validation": str(out_dir / "validation"),
+        "ood": {"mode": scorer.ood_mode, "gate": None if scorer.gate is None else scorer.gate.method,
+                "threshold": None if scorer.gate is None else float(scorer.gate.threshold)},
+    }
+    shards = [todo[i : i + s.batch_size] for i in range(0, len(todo), s.batch_size)]
+    return ScorePlan(context, shards, summary, keys, scorer)
+
+
+def context_scorer(context: ScoreContext) -> Scorer:
+    """The Scorer of the run's bundle in this process (a shard on a worker loads it once)."""
+    return Scorer.load(context.params, models_dir=context.models_dir, digest=context.digest)
+
+
+def _commit_batch(out_dir: Path, run_id: str, index: int, scored: list[ScoredStudy]) -> dict:
+    """The batch's part file (after every per-study file of it is written); its counts."""
+    rows = [s.row for s in scored]
+    with atomic_path(_part_path(out_dir, run_id, index)) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+    n_scored = sum(r["status"] == "scored" for r in rows)
+    written = [str(Path(out_dir) / r[k]) for r in rows for k in ("json", "overlay", "thumbnail") if r[k]]
+    return {"shard": index, "scored": n_scored, "rejected": len(rows) - n_scored, "written": written}
+
+
+def score_shard(context: ScoreContext, index: int, studies: list[Study], workers: int = 2) -> dict:
+    """Score one shard into `parts/part-<run>-<index>.parquet` plus its per-study files.
+
+    The Dask path's unit of work (in-process runs use the pipelined `run_shards`). The
+    part's name is fixed by (run, shard), so a shard run twice (a worker lost mid-shard and
+    the shard rescheduled) replaces its own part: no shard is lost or counted twice.
+    Returns the shard's counts and the per-study files it wrote.
+    """
+    scorer = context_scorer(context)
+    out_dir, pictures = context.out_dir, context.params.score.pictures
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        scored = scorer.infer(list(pool.map(scorer.prepare, [st.fresh() for st in studies])), context.run_id)
+        list(pool.map(lambda st: scorer.write(out_dir, st, pictures=pictures), scored))
+    return _commit_batch(out_dir, context.run_id, index, scored)
+
+
+def run_shards(plan: ScorePlan, *, workers: int = 2, stop_after_batches: int | None = None, ahead: int = 2) -> list[dict]:
+    """Score every shard of `plan` in this process, decode -> forward -> write as a pipeline.
+
+    `workers` decoder threads keep up to `ahead` batches decoded ahead of the forward pass;
+    2 x `workers` writer threads render and write the pictures and JSON of up to `ahead`
+    batches behind it. A batch's part file is written once all its studies' files are, in
+    batch order. The first failure (a write error, say) stops the run: batches before it
+    keep their parts, the failing batch gets none, and the error is raised.
+    """
+    context = plan.context
+    scorer = plan.scorer or context_scorer(context)
+    out_dir, run_id, pictures = context.out_dir, context.run_id, context.params.score.pictures
+    shards = plan.shards if stop_after_batches is None else plan.shards[:stop_after_batches]
+    results: list[dict] = []
+    decoding: deque[list[Future]] = deque()
+    writing: deque[tuple[int, list[ScoredStudy], list[Future]]] = deque()
+    # Twice the writers: each study's three files are fsynced (cxr.core.atomic), and a writer
+    # waiting on the disk holds no core.
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="cxr-decode") as decoders, \
+            ThreadPoolExecutor(2 * max(1, workers), thread_name_prefix="cxr-write") as writers:
+        try:
+            queued = iter(shards)
+            for _ in range(ahead):
+                _queue_decode(decoders, decoding, queued, scorer)
+            for index in range(len(shards)):
+                prepared = [f.result() for f in decoding.popleft()]
+                _queue_decode(decoders, decoding, queued, scorer)
+                scored = scorer.infer(prepared, run_id)
+                del prepared
+                writing.append((index, scored, [writers.submit(scorer.write, out_dir, st, pictures=pictures)
+                                                for st in scored]))
+                # Commit finished batches; wait only when `ahead` batches are already being written.
+                while writing and (len(writing) > ahead or all(f.done() for f in writing[0][2])):
+                    results.append(_commit_written(out_dir, run_id, writing.popleft()))
+            while writing:
+                results.append(_commit_written(out_dir, run_id, writing.popleft()))
+        except BaseException:
+            for futures in [*decoding, *(w[2] for w in writing)]:
+                for f in futures:
+                    f.cancel()
+            raise
+    return results
+
+
+def _queue_decode(pool: ThreadPoolExecutor, decoding: deque, shards, scorer: Scorer) -> None:
+    batch = next(shards, None)
+    if batch is not None:
+        decoding.append([pool.submit(scorer.prepare, st.fresh()) for st in batch])
+
+
+def _commit_written(out_dir: Path, run_id: str, pending: tuple[int, list[ScoredStudy], list[Future]]) -> dict:
+    index, scored, futures = pending
+    for f in futures:
+        f.result()  # raises the batch's first write error: no part for a batch with a missing file
+    return _commit_batch(out_dir, run_id, index, scored)
+
+
+def _part_path(out_dir: Path, run_id: str, index: int) -> Path:
+    return Path(out_dir) / "parts" / f"part-{run_id}-{index:06d}.parquet"
+
+
+def _run_counts(plan: ScorePlan, results: list[dict]) -> dict:
+    """The summary of the shards scored so far: the plan's counts plus theirs."""
+    scored = sum(r["scored"] for r in results)
+    rejected = sum(r["rejected"] for r in results)
+    return {**plan.summary, "new_studies": scored + rejected, "scored": scored, "rejected": rejected,
+            "batches": len(results)}
+
+
+def finish_scoring(plan: ScorePlan, results: list[dict]) -> dict:
+    """Fold the run's parts into scores.parquet behind the scores gate; return the run's summary.
+
+    When the gate fails, this run's parts and per-study files are removed and DataError
+    says so: the previous scores.parquet stays published.
+    """
+    out_dir, run_id = plan.context.out_dir, plan.context.run_id
+    summary = _run_counts(plan, results)
+    new = summary["new_studies"]
+    summary["message"] = f"{new} new studies; {plan.summary['already_scored']} already scored by this model"
+    docs = plan.context.params.score.data_docs
+    try:
+        consolidate(out_dir, gate=lambda df: validate_scores(df.assign(key=row_keys(df)), out_dir / "validation",
+                                                              source=str(out_dir / "scores.parquet"), docs=docs))
+    except DataError as exc:
+        # Unpublishable rows must not linger: the next run would fold or skip them.
+        written = [Path(p) for r in results for p in r["written"]]
+        for path in [*(out_dir / "parts").glob(f"part-{run_id}-*.parquet"), *written]:
+            path.unlink(missing_ok=True)
+        error = DataError(f"the scores failed validation, so nothing was published (the previous scores.parquet and "
+                          f"report.html are kept; this run's {new} rows were discarded and will be scored "
+                          f"again next run): {reason_of(exc)}", where=exc.where)
+        error.summary = getattr(exc, "summary", None)  # what the gate checked, for callers that record it
+        raise error from None
+    summary["studies"] = plan.keys
+    return summary
+
+
+def score_studies(params: Params, input_dir: Path, out_dir: Path, *, models_dir: Path | None = None,
+                  digest: str | None = None, stop_after_batches: int | None = None, workers: int = 2) -> dict:
+    """Score every new study under `input_dir` into `out_dir` in this process; return the run's summary.
+
+    plan -> the pipelined shards -> finish; `flows.score` runs the same steps as Prefect
+    tasks (or maps the shards over Dask workers). `stop_after_batches` ends the run after
+    that many part files, before consolidation (it simulates a killed run). The summary's
+    `studies` lists the keys of this input's rows.
+    """
+    plan = plan_scoring(params, input_dir, out_dir, models_dir=models_dir, digest=digest, workers=workers)
+    results = run_shards(plan, workers=workers, stop_after_batches=stop_after_batches)
+    if stop_after_batches is not None and len(results) < len(plan.shards):
+        return {**_run_counts(plan, results), "stopped_after_batches": len(results),
+                "message": f"stopped after {len(results)} batches"}
+    return finish_scoring(plan, results)

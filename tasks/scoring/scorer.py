@@ -1,0 +1,222 @@
+"""The `Scorer`: one implementation of scoring for every path (`cxr score`, the nightly
+deployment, the Dask shards, the web app and the evaluation's out-of-distribution report).
+
+Loaded once per process from one verified bundle (`tasks.bundle`): its weights, input
+geometry, operating thresholds and out-of-distribution gate, on the params' device. It turns
+files into `ScoredStudy`s (`prepare`: the one loader and the precheck; `infer`: one batched
+forward and the verdict) and writes their per-study files (`write`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxr.core.atomic import atomic_write_json
+from cxr.core.config import Params
+from cxr.core.errors import DataError
+from cxr.core.labels import BRANCHES, LABEL_COLUMNS, PATHOLOGIES
+from models.attention import crop_boxes
+from models.device import pick_device
+from tasks.bundle.bundle import Bundle
+from tasks.bundle.registry import load_bundle, resolve_digest
+from tasks.images.geometry import input_box_to_image, network_pixels_from_image, to_input
+from tasks.images.loader import LoaderLimits, load_image
+from tasks.scoring.overlay import display_shape, render_overlay, resize_gray, save_png, thumbnail
+from tasks.scoring.precheck import precheck
+from tasks.scoring.rows import BOX_COLUMNS, FLAG_COLUMNS, ScoredStudy, base_row, study_json
+from tasks.scoring.studies import Study, output_name, reason_of, sha_or_reason
+from tasks.scoring.verdict import OODVerdict, ood_verdict
+
+log = logging.getLogger("cxr.score")
+
+
+def class_activation_maps(features: torch.Tensor, weights: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """CAM_k = relu(sum_c W[k, c] * features[c]), each map scaled to [0, 1].
+
+    features: (B, C, h, w); weights: (K, C) the global classifier; classes: (B, T) indices.
+    Returns (B, T, h, w) float32.
+    """
+    cams = torch.einsum("btc,bchw->bthw", weights[classes].float(), features.float()).clamp_min_(0)
+    peak = cams.amax(dim=(2, 3), keepdim=True)
+    return torch.where(peak > 0, cams / peak.clamp_min(1e-12), torch.zeros_like(cams))
+
+
+def batch_outputs(model, pixels: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """One forward of (B, S, S) uint8 inputs -> what the rows and pictures need, on the CPU.
+
+    probabilities of each branch (B, 14); boxes (B, 4) in input pixels; cams (B, 14, h, w)
+    on the feature grid; pooled (B, C) global-branch features (the OOD gate's input);
+    crops (B, L, L) uint8, the input pixels the local branch saw.
+    """
+    with torch.inference_mode():
+        out = model(to_input(pixels, device))
+        weights = model.global_branch.classifier.weight
+        every = torch.arange(weights.shape[0], device=weights.device).expand(pixels.shape[0], -1)
+        crops = crop_boxes(pixels.to(device).unsqueeze(1).float(), out.boxes, model.local_size)[:, 0]
+        result = {"global": torch.sigmoid(out.global_logits.float()), "local": torch.sigmoid(out.local_logits.float()),
+                  "fusion": torch.sigmoid(out.fusion_logits.float()), "boxes": out.boxes,
+                  "cams": class_activation_maps(out.global_features, weights, every),
+                  "pooled": out.global_features.float().amax((2, 3)),
+                  "crops": crops.round_().clamp_(0, 255).to(torch.uint8)}
+    return {k: v.cpu() for k, v in result.items()}
+
+
+_LOADED: dict[tuple, "Scorer"] = {}  # this process's Scorer (one model per process)
+
+
+class Scorer:
+    """Loaded once per process from one bundle: weights, geometry, thresholds, gate, device.
+
+    `score(items, run_id)` scores files (nothing written); `write(out_dir, study)` writes a
+    study's JSON and pictures. The batch pipeline uses the two halves of `score` separately:
+    `prepare` (decode one file, thread-safe) and `infer` (one batched forward).
+    """
+
+    def __init__(self, params: Params, bundle: Bundle):
+        self.params = params
+        self.bundle = bundle
+        self.digest: str = bundle.digest
+        self.geometry = bundle.model  # the input geometry the weights were trained with
+        self.threshold_entry = bundle.thresholds(params.score)
+        self.thresholds = np.asarray(bundle.threshold_values(params.score), dtype=np.float32)
+        self.device = pick_device(params.train.device)
+        self.model = bundle.agcnn().to(self.device)
+        s = params.score
+        self.limits = LoaderLimits(max_pixels=s.max_pixels, min_side=s.min_side)
+        self.ood_mode: str = s.ood
+        self.gate = bundle.gate()  # None for a bundle registered without a gate
+
+    @property
+    def entry(self) -> dict:
+        """The bundle's manifest (backbone, training data version, ...)."""
+        return self.bundle.manifest
+
+    @classmethod
+    def load(cls, params: Params, *, models_dir: Path | None = None, digest: str | None = None) -> "Scorer":
+        """This process's Scorer of the bundle `digest` (default: the registry's current one)
+        under `params`; loaded and verified once, then reused (the shards of a run, the app).
+
+        DataError when there is no such bundle or it is incomplete or changed.
+        """
+        models_dir = Path(models_dir or params.paths.models)
+        digest = resolve_digest(models_dir, digest)
+        key = (str(models_dir.resolve()), digest, params.score.model_dump_json(), params.train.device)
+        if key not in _LOADED:
+            scorer = cls(params, load_bundle(models_dir, digest))
+            _LOADED.clear()  # one model per process: a new digest replaces the old one
+            _LOADED[key] = scorer
+            log.info("loaded model %s (%s) on %s", digest[:12], scorer.entry["backbone"], scorer.device)
+        return _LOADED[key]
+
+    # ------------------------------------------------------------------ scoring
+
+    def score(self, items: list[tuple[str, Path]], run_id: str) -> list[ScoredStudy]:
+        """Score (study_id, path) items in one batched forward; nothing is written.
+
+        A file the loader, the precheck or the gate refuses is a rejected ScoredStudy.
+        """
+        studies = [Study(study_id, Path(path), *sha_or_reason(Path(path))) for study_id, path in items]
+        return self.infer([self.prepare(s) for s in studies], run_id)
+
+    def prepare(self, study: Study) -> Study:
+        """Decode one file (the one loader) into network pixels and a display picture, or a reason."""
+        if study.reason is not None:
+            return study
+        facts: dict = {}
+        try:
+            image = load_image(study.path, self.limits, facts=facts)
+        except DataError as exc:
+            study.reason = reason_of(exc)
+            return study
+        study.shape = image.shape
+        if self.ood_mode != "off":
+            # Model-free: is this a chest radiograph at all? Not one is refused under "flag" too:
+            # "flag" is for radiographs unlike the training data (the gate), not for a photo.
+            study.precheck = precheck(image, facts)
+            if study.precheck:
+                study.reason = study.precheck
+                return study
+        study.pixels = network_pixels_from_image(image, self.geometry)
+        study.display = resize_gray(image, display_shape(*image.shape, self.params.score.overlay_size))
+        return study
+
+    def infer(self, studies: list[Study], run_id: str) -> list[ScoredStudy]:
+        """Prepared studies -> ScoredStudies in the same order: one forward for the decodable ones."""
+        good = [s for s in studies if s.reason is None]
+        results = {}
+        if good:
+            outs = batch_outputs(self.model, torch.from_numpy(np.stack([s.pixels for s in good])), self.device)
+            distances = self.gate.score(outs["pooled"]) if self.gate is not None else None
+            for i, study in enumerate(good):
+                verdict = ood_verdict(self.ood_mode, gate=self.gate,
+                                      score=None if distances is None else float(distances[i]))
+                if verdict.refused_by:
+                    study.reason = verdict.reason
+                    results[id(study)] = self._rejected(study, run_id, verdict)
+                else:
+                    results[id(study)] = self._scored(study, run_id, outs, i, verdict)
+        return [results.get(id(s)) or self._rejected(s, run_id) for s in studies]
+
+    def _ood_facts(self, verdict: OODVerdict) -> dict:
+        gate = self.gate
+        return {"mode": self.ood_mode, "score": verdict.score, "threshold": None if gate is None else float(gate.threshold),
+                "method": None if gate is None else gate.method}
+
+    def _rejected(self, study: Study, run_id: str, verdict: OODVerdict | None = None) -> ScoredStudy:
+        row = base_row(study, self.digest, run_id, "rejected")
+        if verdict is None and study.shape is not None:  # decoded, then refused by the precheck
+            verdict = ood_verdict(self.ood_mode, precheck=study.precheck)
+        if study.shape is not None:
+            row.update(image_height=study.shape[0], image_width=study.shape[1])
+        if verdict is not None:
+            row.update(ood_score=verdict.score, ood_flag=verdict.flag)
+        return ScoredStudy(row, ood=self._ood_facts(verdict) if verdict is not None else None, verdict=verdict)
+
+    def _scored(self, study: Study, run_id: str, outs: dict, i: int, verdict: OODVerdict) -> ScoredStudy:
+        m, top_n = self.geometry, self.params.score.top_findings
+        prob = outs["fusion"][i].numpy()
+        flag = prob >= self.thresholds
+        top = np.argsort(-prob, kind="stable")[:top_n]
+        box = tuple(int(v) for v in outs["boxes"][i])
+        dh, dw = study.display.shape
+        flagged = [p for p, f in zip(PATHOLOGIES, flag) if f]
+        name = output_name(study.study_id)
+        row = base_row(study, self.digest, run_id, "scored")
+        row.update(dict(zip(LABEL_COLUMNS, prob.tolist())), **dict(zip(FLAG_COLUMNS, flag.tolist())),
+                   **dict(zip(BOX_COLUMNS, input_box_to_image(box, m, study.shape))),
+                   image_height=study.shape[0], image_width=study.shape[1], reason=verdict.reason,
+                   flagged=", ".join(flagged), max_flagged_probability=float(prob[flag].max()) if flagged else None,
+                   top_findings=", ".join(PATHOLOGIES[k] for k in top),
+                   ood_score=verdict.score, ood_flag=verdict.flag,
+                   overlay=f"overlays/{name}.png", thumbnail=f"thumbs/{name}.png")
+        whole_input = (0, 0, m.image_size - 1, m.image_size - 1)
+        return ScoredStudy(row, {b: outs[b][i].numpy() for b in BRANCHES}, study.display,
+                           input_box_to_image(box, m, (dh, dw)), outs["crops"][i].numpy(),
+                           cam_grid=outs["cams"][i].numpy(),
+                           # The maps cover the network input, i.e. the centre crop of the resized
+                           # image: that region of the picture (all of it when model.resize is unset).
+                           cam_region=input_box_to_image(whole_input, m, (dh, dw)), ood=self._ood_facts(verdict),
+                           verdict=verdict)
+
+    # ------------------------------------------------------------------ outputs
+
+    def write(self, out_dir: Path, study: ScoredStudy, *, pictures: bool = True) -> None:
+        """The per-study JSON (out_dir/<row json>) and, with pictures, the overlay and thumbnail PNGs.
+
+        Each file is written atomically; the JSON comes last, so a study whose JSON exists
+        has all its files.
+        """
+        out_dir, row = Path(out_dir), study.row
+        if pictures and row["overlay"] and study.display is not None:
+            top = [PATHOLOGIES.index(p) for p in row["top_findings"].split(", ")]
+            prob = study.probabilities["fusion"]
+            titles = [f"{row['study_id']} (attention box)"] + [
+                f"{PATHOLOGIES[k]} {prob[k]:.2f}" + (" FLAGGED" if row[FLAG_COLUMNS[k]] else "") for k in top]
+            save_png(render_overlay(study.display, study.display_box, study.cams_for(top, levels=True), titles),
+                     out_dir / row["overlay"])
+            save_png(thumbnail(study.display, study.display_box), out_dir / row["thumbnail"])
+        atomic_write_json(out_dir / row["json"], study_json(study))

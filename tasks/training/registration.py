@@ -1,0 +1,136 @@
+"""Registering a trained model: the three stages in `paths.models` become one bundle.
+
+Registration is where the model becomes data (`tasks.bundle`): the stage chain is checked
+(local trained on this global, fusion on both), the out-of-distribution gate is fitted on
+the train split's global features, the operating thresholds are chosen on the validation
+split under `score.threshold_rule`, and all of it is written as the bundle folder
+`paths.models/<digest>/`, listed in the registry and made current. Scoring never touches the
+training data afterwards.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxr.core.config import Params
+from cxr.core.digest import file_sha256, text_sha256
+from cxr.core.errors import DataError
+from cxr.core.labels import PATHOLOGIES, STAGES
+from models.device import pick_device
+from tasks.bundle.bundle import Bundle, open_bundle, update_manifest, write_bundle
+from tasks.bundle.ood_gate import OODGate, fit_gate, save_gate
+from tasks.bundle.registry import add_bundle, load_bundle
+from tasks.bundle.thresholds import operating_thresholds, rule_key
+from tasks.bundle.weights import WEIGHT_FILES, load_agcnn, load_weights, model_digest
+from tasks.images.geometry import to_input
+from tasks.metadata.ingest import read_metadata
+from tasks.metadata.split import read_splits
+from tasks.training.crop_cache import ensure_crop_cache
+from tasks.training.dataset import load_split
+
+
+def data_version(processed: Path, interim: Path) -> str:
+    """Digest of the metadata, split and class weights a model was trained on."""
+    paths = (Path(interim) / "metadata.parquet", Path(processed) / "splits.parquet", Path(processed) / "class_weights.json")
+    return text_sha256(*(file_sha256(p) if p.exists() else "missing" for p in paths))
+
+
+def _stage_facts(models_dir: Path) -> dict:
+    stages = {}
+    for stage in STAGES:
+        path = models_dir / WEIGHT_FILES[stage]
+        _, meta = load_weights(path)
+        stages[stage] = {"file": path.name, "digest": file_sha256(path), "best_epoch": meta.get("best_epoch"),
+                         "best_valid_mean_auroc": meta.get("best_valid_mean_auroc"), "upstream": meta.get("upstream", {}),
+                         "labels": meta.get("labels")}
+    # The chain must be consistent: local trained on this global, fusion on this global+local.
+    for stage in ("local", "fusion"):
+        for up, digest in stages[stage]["upstream"].items():
+            if stages[up]["digest"] != digest:
+                raise DataError(f"{stage} weights were trained on another {up} model ({digest[:12]}, on disk "
+                                f"{stages[up]['digest'][:12]}); retrain the {stage} stage", where=str(models_dir))
+    return stages
+
+
+def register(params: Params) -> dict:
+    """Bundle the three stages now in `paths.models`, list the bundle and make it current.
+
+    Returns the bundle's manifest. DataError when the stages do not form one chain.
+    """
+    models_dir = Path(params.paths.models)
+    stages = _stage_facts(models_dir)
+    digest = model_digest(models_dir)
+    labels = stages["fusion"].pop("labels")
+    for facts in stages.values():
+        facts.pop("labels", None)
+    device = pick_device(params.train.device)
+    model = load_agcnn(models_dir, params.model).to(device)
+    gate = fit_model_gate(params, digest)
+    thresholds = fit_thresholds(params, model, device)
+    manifest = {"digest": digest, "backbone": params.model.backbone, "labels": labels,
+                "model": params.model.model_dump(mode="json"),
+                "training_data_version": data_version(params.paths.processed, params.paths.interim),
+                "stages": stages, "thresholds": {thresholds["rule"]: thresholds},
+                "ood_gate": {"method": gate.method, "threshold": gate.threshold, "false_rejection": gate.false_rejection,
+                             "valid_false_rejection": gate.valid_false_rejection}}
+    with tempfile.TemporaryDirectory(dir=models_dir, prefix=".gate.") as tmp:
+        bundle = write_bundle(models_dir, models_dir, manifest, save_gate(Path(tmp), gate))
+    add_bundle(models_dir, bundle)
+    return bundle.manifest
+
+
+def fit_model_gate(params: Params, digest: str) -> OODGate:
+    """The out-of-distribution gate on the crop cache's global pooled features (the plain
+    view, as scoring sees it) of the train split, thresholded on the valid split."""
+    cache = ensure_crop_cache(params)  # already up to date after stage III; rebuilt if stale
+    splits = read_splits(Path(params.paths.processed) / "splits.parquet")
+    pooled = {}
+    for split in ("train", "valid"):
+        ids = [i for i in splits.loc[splits["split"] == split, "image_id"] if i in cache]
+        pooled[split] = cache.get("pooled", cache.rows(ids))[:, 0] if ids else np.empty((0, 0), np.float32)
+    return fit_gate(pooled["train"], pooled["valid"], digest, params.score.ood_false_rejection)
+
+
+def validation_predictions(params: Params, model: torch.nn.Module, device: torch.device) -> tuple[np.ndarray, np.ndarray, str]:
+    """(labels (N, K), fusion probabilities (N, K), data version = digest of splits.parquet)."""
+    paths = params.paths
+    splits_path = Path(paths.processed) / "splits.parquet"
+    meta = read_metadata(Path(paths.interim) / "metadata.parquet")
+    valid = load_split(meta, read_splits(splits_path), "valid", Path(paths.images), params.model, Path(paths.cache) / "images")
+    probs = []
+    with torch.inference_mode():
+        for start in range(0, len(valid.ids), params.score.batch_size):
+            out = model(to_input(valid.pixels[start : start + params.score.batch_size], device))
+            probs.append(torch.sigmoid(out.fusion_logits.float()).cpu())
+    return valid.labels.numpy(), torch.cat(probs).numpy(), file_sha256(splits_path)
+
+
+def fit_thresholds(params: Params, model: torch.nn.Module, device: torch.device) -> dict:
+    """The thresholds under the params' rule from the validation split:
+    {rule, data_version, valid_images, classes: {pathology: {threshold, source, ...}}}."""
+    y, p, version = validation_predictions(params, model, device)
+    s = params.score
+    per_class = operating_thresholds(y, p, s.threshold_rule, s.target_sensitivity, s.fallback_threshold)
+    return {"rule": rule_key(s), "data_version": version, "valid_images": int(len(y)),
+            "classes": dict(zip(PATHOLOGIES, per_class))}
+
+
+def refit_thresholds(params: Params, ref: str) -> Bundle:
+    """`cxr models thresholds DIGEST`: thresholds of a registered bundle under the params'
+    (changed) rule, added to its manifest beside the ones it has."""
+    bundle = load_bundle(params.paths.models, ref)
+    geometry = bundle.model
+    device = pick_device(params.train.device)
+    model = bundle.agcnn().to(device)
+    entry = fit_thresholds(params.model_copy(update={"model": geometry}), model, device)
+    return update_manifest(bundle, thresholds={**bundle.manifest.get("thresholds", {}), entry["rule"]: entry})
+
+
+def bundle_of_working_weights(params: Params) -> Bundle | None:
+    """The registered bundle of the weights now in `paths.models`, or None when they are not registered."""
+    folder = Path(params.paths.models) / model_digest(params.paths.models)
+    return open_bundle(folder) if folder.is_dir() else None
