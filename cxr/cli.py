@@ -157,7 +157,11 @@ def _run(args: argparse.Namespace) -> dict | list:
 
         serve_app(params, args.host, args.port)
         return {"served": "app", "host": args.host, "port": args.port}
-    # Prefect is imported only once arguments and params are known good: it costs seconds.
+    if args.command in ("ingest", "split"):
+        # Bad input is refused before Prefect is imported or a server started: the same gate
+        # the run applies (the run then reuses its verdict).
+        _check_input(args, params)
+    # Prefect is imported only once arguments, params and inputs are known good: it costs seconds.
     from flows import data
 
     _quiet_prefect_tracebacks()
@@ -166,11 +170,8 @@ def _run(args: argparse.Namespace) -> dict | list:
         from tasks.metadata.ingest import packaged_metadata_path
 
         return data.synth_flow(params, args.metadata or packaged_metadata_path(), args.out or paths.raw)
-    if args.command == "ingest":
-        return data.ingest_flow(args.metadata, args.out or paths.interim)
-    if args.command == "split":
-        metadata = args.metadata or paths.interim / "metadata.parquet"
-        return data.split_flow(params, metadata, args.out or paths.processed, args.assignments)
+    if args.command in ("ingest", "split"):
+        return _input_flow(args, params, check_only=False)
     if args.command in ("train", "evaluate"):
         from flows import train
     if args.command == "train":
@@ -205,6 +206,57 @@ def _run(args: argparse.Namespace) -> dict | list:
     raise AssertionError(args.command)
 
 
+def _input_flow(args: argparse.Namespace, params, check_only: bool):
+    """The ingest or split of `args`: checked only (no Prefect), or as its Prefect flow."""
+    paths = params.paths
+    if args.command == "ingest":
+        if check_only:
+            from tasks.metadata.ingest import run_ingest
+
+            return run_ingest(args.metadata, args.out or paths.interim, check_only=True)
+        from flows import data
+
+        return data.ingest_flow(args.metadata, args.out or paths.interim)
+    metadata = args.metadata or paths.interim / "metadata.parquet"
+    if check_only:
+        from tasks.metadata.split import run_split
+
+        return run_split(metadata, args.out or paths.processed, ratios=params.split.ratios(),
+                         tolerance=params.split.tolerance, seed=params.seed, assignments=args.assignments,
+                         check_only=True)
+    from flows import data
+
+    return data.split_flow(params, metadata, args.out or paths.processed, args.assignments)
+
+
+def _check_input(args: argparse.Namespace, params) -> None:
+    """Refuse a bad metadata or split input before any Prefect work. With a Prefect server
+    configured, the refusal is said at once and then also recorded as a failed run in its UI."""
+    try:
+        _input_flow(args, params, check_only=True)
+    except DataError as exc:
+        if not os.environ.get("PREFECT_API_URL"):
+            raise
+        _say(args, exc)
+        _quiet_prefect_tracebacks()
+        _terminal_logging(False, None)
+        try:
+            _input_flow(args, params, check_only=False)  # fails the same way, now as a run in the UI
+        except DataError:
+            pass
+        exc.said = True
+        raise
+
+
+def _say(args: argparse.Namespace, exc: DataError) -> None:
+    message = str(exc)
+    # Wrap for a person at a terminal only: piped into a log, the error stays one line, so
+    # grep finds it whole and its wording does not depend on how long the paths are.
+    if sys.stderr.isatty():
+        message = textwrap.fill(message, width=100, break_long_words=False, break_on_hyphens=False)
+    print(f"cxr {args.command}: error: {message}", file=sys.stderr, flush=True)
+
+
 def _models(args: argparse.Namespace, params) -> dict | list:
     from tasks.bundle.registry import list_bundles, load_bundle, promote
 
@@ -232,12 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = _run(args)
     except DataError as exc:
-        message = str(exc)
-        # Wrap for a person at a terminal only: piped into a log, the error stays one line, so
-        # grep finds it whole and its wording does not depend on how long the paths are.
-        if sys.stderr.isatty():
-            message = textwrap.fill(message, width=100, break_long_words=False, break_on_hyphens=False)
-        print(f"cxr {args.command}: error: {message}", file=sys.stderr)
+        if not getattr(exc, "said", False):  # printed once
+            _say(args, exc)
         return exc.exit_code
     except OSError as exc:
         if not _is_disk_full(exc):

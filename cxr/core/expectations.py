@@ -267,3 +267,83 @@ def _listing(items: list[str], total: int) -> str:
     head = ", ".join(items[:_SHOW])
     rest = total - min(len(items), _SHOW)
     return head + (f", and {rest} more" if rest > 0 else "")
+
+
+# --------------------------------------------------------------------------- the quick look
+
+
+class _QuickExpectations:
+    """Stands in for `gx.expectations` when a suite's builder runs for the quick look: each
+    `Expect...(**kwargs)` records its kind and arguments, so the one suite definition serves
+    both the quick look and the Great Expectations gate."""
+
+    def __getattr__(self, kind: str):
+        if not kind.startswith("Expect"):
+            raise AttributeError(kind)
+        return lambda **kwargs: (kind, kwargs)
+
+
+def _quick_failure(kind: str, kw: dict, frame: pd.DataFrame, params: dict) -> str | None:
+    """What fails of one recorded expectation on `frame`, or None (also None for a kind the
+    quick look does not judge: Great Expectations still does)."""
+    def value(v):
+        return params[v["$PARAMETER"]] if isinstance(v, dict) and "$PARAMETER" in v else v
+
+    ident = next((c for c in ("image_id", "study_id") if c in frame), None)
+    column = kw.get("column")
+    if kind == "ExpectTableColumnsToMatchSet":
+        missing = sorted(set(kw["column_set"]) - set(frame.columns))
+        return ", ".join(missing) if missing else None
+    if kind == "ExpectTableRowCountToBeBetween":
+        return "0 rows" if len(frame) < (kw.get("min_value") or 0) else None
+    if kw.get("row_condition") is not None or kw.get("meta"):
+        return None  # conditional or non-blocking expectations are left to the gate
+    names = [c for c in (column, kw.get("column_A"), kw.get("column_B")) if c]
+    if any(c not in frame for c in names):
+        return None  # reported as a missing column
+    s = frame[column] if column else None
+    if kind == "ExpectColumnValuesToNotBeNull":
+        bad = s.isna()
+    elif kind == "ExpectColumnValuesToBeUnique":
+        bad = s.duplicated(keep=False) & s.notna()
+    elif kind in ("ExpectColumnValuesToMatchRegex", "ExpectColumnValuesToNotMatchRegex"):
+        hit = s.astype(str).str.contains(kw["regex"], regex=True) & s.notna()
+        bad = (~hit & s.notna()) if kind == "ExpectColumnValuesToMatchRegex" else hit
+    elif kind == "ExpectColumnValuesToBeBetween":
+        x = pd.to_numeric(s, errors="coerce")
+        lo, hi = value(kw.get("min_value")), value(kw.get("max_value"))
+        bad = s.notna() & (x.isna() | (x < lo if lo is not None else False) | (x > hi if hi is not None else False))
+    elif kind == "ExpectColumnValuesToBeInSet":
+        bad = s.notna() & ~s.isin(kw["value_set"])
+    elif kind == "ExpectColumnPairValuesToBeEqual":
+        a, b = frame[kw["column_A"]], frame[kw["column_B"]]
+        bad = a.notna() & b.notna() & (a.astype(str) != b.astype(str))
+        s = a.astype(str) + " vs " + b.astype(str)
+    elif kind == "ExpectColumnDistinctValuesToContainSet":
+        absent = [v for v in kw["value_set"] if v not in set(s.dropna())]
+        return f"{', '.join(map(str, absent))} has no images" if absent else None
+    elif kind == "ExpectColumnMeanToBeBetween":
+        mean = float(pd.to_numeric(s, errors="coerce").mean())
+        lo, hi = value(kw.get("min_value")), value(kw.get("max_value"))
+        return None if lo <= mean <= hi else f"{mean:.3f} not within {lo:.3f}–{hi:.3f}"
+    else:
+        return None
+    if not bad.any():
+        return None
+    where = frame.loc[bad, ident] if ident and column != ident else pd.Series(frame.index[bad], index=frame.index[bad])
+    shown = [f"{v} ({w})" for v, w in zip(s[bad].head(_SHOW), where.head(_SHOW))]
+    return _listing(shown, int(bad.sum()))
+
+
+def quick_check(build: Callable, frame: pd.DataFrame, source: str, params: dict | None = None) -> None:
+    """A look at `frame` with the suite that `build` defines, in pandas, in well under a second
+    and without importing Great Expectations (seconds): DataError naming what fails, in the
+    gate's words. The gate itself (`run_suite`) still runs, writes its results and Data Docs,
+    and has the last word; this only lets a command refuse plainly bad input at once."""
+    parts = []
+    for kind, kw in build(_QuickExpectations()):
+        failure = _quick_failure(kind, kw, frame, params or {})
+        if failure:
+            parts.append(f"{kw.get('description') or kind}: {failure}")
+    if parts:
+        raise DataError("; ".join(parts) + ".", where=source)

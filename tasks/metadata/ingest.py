@@ -144,17 +144,21 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
     return pq.read_table(path, schema=SCHEMA).to_pandas()
 
 
-def run_ingest(metadata_csv: str | Path, out_dir: str | Path) -> dict:
+def run_ingest(metadata_csv: str | Path, out_dir: str | Path, *, check_only: bool = False) -> dict:
     """Read, validate (the GE metadata suite gates) and write `out_dir/metadata.parquet`.
 
     A failed suite raises DataError before anything is written, so the previous
-    metadata.parquet (and everything downstream of it) stays as it was.
+    metadata.parquet (and everything downstream of it) stays as it was. `check_only` takes
+    the suite's quick look only and writes nothing (the CLI refuses bad input this way before
+    Great Expectations or Prefect load).
     """
     from tasks.metadata.suites import validate_metadata
 
     out_dir = Path(out_dir)
     df = read_metadata_csv(metadata_csv)
-    validate_metadata(df, out_dir / "validation", source=str(metadata_csv))
+    validate_metadata(df, out_dir / "validation", source=str(metadata_csv), quick=check_only)
+    if check_only:
+        return {"checked": str(metadata_csv), "images": int(len(df))}
     path = write_metadata(df, out_dir)
     return {
         "metadata": str(path),

@@ -145,8 +145,13 @@ def run_split(
     tolerance: float,
     seed: int,
     assignments: str | Path | None = None,
+    check_only: bool = False,
 ) -> dict:
-    """Split (or take `assignments`), gate it with the GE split suite, write splits + weights."""
+    """Split (or take `assignments`), gate it with the GE split suite, write splits + weights.
+
+    `check_only` takes the suite's quick look only and writes nothing but a leak listing (the
+    CLI refuses bad input this way before Great Expectations or Prefect load).
+    """
     from tasks.metadata.ingest import read_metadata
     from tasks.metadata.suites import validate_split
 
@@ -160,7 +165,7 @@ def run_split(
         source = "patient_split"
     listing = out_dir / "validation" / LEAKS_CSV
     try:
-        validate_split(splits, ratios, tolerance, out_dir / "validation", source=source)
+        validate_split(splits, ratios, tolerance, out_dir / "validation", source=source, quick=check_only)
     except DataError as exc:
         leaks = leaking_patients(splits)
         if leaks.empty:
@@ -172,6 +177,8 @@ def run_split(
                           f"image ids) is listed in {listing}.")
         error.summary = getattr(exc, "summary", None)
         raise error from None
+    if check_only:
+        return {"checked": source, "images": int(len(splits))}
     listing.unlink(missing_ok=True)  # a listing from an earlier refused split no longer applies
     weights = class_weights(meta, splits)
     write_splits(splits, weights, out_dir)

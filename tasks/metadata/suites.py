@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxr.core.expectations import register_suite, run_suite
+from cxr.core.expectations import quick_check, register_suite, run_suite
 from cxr.core.labels import LABEL_COLUMNS, NO_FINDING, NO_FINDING_COLUMN, VOCABULARY
 
 METADATA_COLUMNS: tuple[str, ...] = (
@@ -94,8 +94,11 @@ def _split_expectations(gxe) -> list:
     return e
 
 
-def validate_metadata(df: pd.DataFrame, out_dir: Path, *, source: str = "metadata") -> dict:
-    """Run suite "metadata" on the normalized metadata frame; raise DataError if it fails."""
+def validate_metadata(df: pd.DataFrame, out_dir: Path, *, source: str = "metadata", quick: bool = False) -> dict | None:
+    """Run suite "metadata" on the normalized metadata frame; raise DataError if it fails.
+
+    quick: only the quick look (`cxr.core.expectations.quick_check`), no GE run, nothing written.
+    """
     frame = df.reset_index(drop=True).copy()
     if "image_id" in frame:
         # Derived column for the pair check: the patient number written in the file name.
@@ -103,12 +106,17 @@ def validate_metadata(df: pd.DataFrame, out_dir: Path, *, source: str = "metadat
     if all(c in frame for c in LABEL_COLUMNS):
         set_any = frame[list(LABEL_COLUMNS)].apply(pd.to_numeric, errors="coerce").fillna(0).sum(axis=1)
         frame["no_pathology"] = (set_any == 0).astype("int8")
+    if quick:
+        return quick_check(_metadata_expectations, frame, source)
     return run_suite("metadata", frame, out_dir, source, {})
 
 
 def validate_split(splits: pd.DataFrame, ratios: dict[str, float], tolerance: float,
-                   out_dir: Path, *, source: str = "splits") -> dict:
-    """Run suite "splits" on (image_id, patient_id, split); raise DataError if it fails."""
+                   out_dir: Path, *, source: str = "splits", quick: bool = False) -> dict | None:
+    """Run suite "splits" on (image_id, patient_id, split); raise DataError if it fails.
+
+    quick: only the quick look (`cxr.core.expectations.quick_check`), no GE run, nothing written.
+    """
     if set(ratios) != set(SPLITS):
         raise ValueError(f"ratios must have exactly the keys {SPLITS}, got {sorted(ratios)}")
     frame = splits.reset_index(drop=True).copy()
@@ -121,6 +129,8 @@ def validate_split(splits: pd.DataFrame, ratios: dict[str, float], tolerance: fl
     for s in SPLITS:
         params[f"{s}_min"] = float(ratios[s]) - tolerance
         params[f"{s}_max"] = float(ratios[s]) + tolerance
+    if quick:
+        return quick_check(_split_expectations, frame, source, params)
     return run_suite("splits", frame, out_dir, source, params)
 
 
