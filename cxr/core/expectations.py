@@ -344,6 +344,8 @@ def quick_check(build: Callable, frame: pd.DataFrame, source: str, params: dict 
     for kind, kw in build(_QuickExpectations()):
         failure = _quick_failure(kind, kw, frame, params or {})
         if failure:
-            parts.append(f"{kw.get('description') or kind}: {failure}")
+            what = kw.get("description") or kind
+            # The gate's own wording: "table is empty (0 rows)".
+            parts.append(f"{what} ({failure})" if kind == "ExpectTableRowCountToBeBetween" else f"{what}: {failure}")
     if parts:
         raise DataError("; ".join(parts) + ".", where=source)
