@@ -2,7 +2,7 @@
 
 Two ways in, one code path (`tasks.train.train_stage` reads the process group):
   * `cxr train --stage S --nproc N` spawns N local processes (gloo on the CPU, NCCL on GPUs);
-  * `torchrun --nproc_per_node N -m tasks.distributed --stage S [--params FILE]` for clusters.
+  * `torchrun --nproc_per_node N -m tasks.training.distributed --stage S [--params FILE]` for clusters.
 Only rank 0 writes checkpoints, weights and metrics; resume works as in one process.
 """
 
@@ -66,7 +66,7 @@ def train_distributed(params: Params, stage: str, nproc: int, *, progress: bool 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point for torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.distributed")
+    parser = argparse.ArgumentParser(prog="python -m tasks.training.distributed")
     parser.add_argument("--stage", choices=("global", "local", "fusion"), required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
