@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 from cxr.core.errors import DataError
+from cxr.core.labels import STAGES
 
 
 def _is_disk_full(exc: BaseException | None) -> bool:
@@ -104,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--assignments", type=Path, help="external split CSV (Image Index, split) to check and use instead")
 
     p = sub.add_parser("train", help="train one AG-CNN stage (global, then local, then fusion)")
-    p.add_argument("--stage", choices=("global", "local", "fusion"), required=True)
+    p.add_argument("--stage", choices=STAGES, required=True)
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DistributedDataParallel; gloo on CPU, NCCL on GPU)")
 
     sub.add_parser("evaluate", help="test-split AUROC (global, local, fusion), bootstrap CIs, ROC points, localization IoU")
