@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cxr.core.labels import LABEL_COLUMNS, PATHOLOGIES
+from cxr.core.labels import BRANCHES, LABEL_COLUMNS, PATHOLOGIES
 from tasks.scoring.overlay import BOX_COLOUR, colormap
 from tasks.scoring.rows import ScoredStudy
 from app.record import PICTURES
@@ -112,5 +112,5 @@ def findings(facts: dict, thresholds) -> list[dict]:
         p = probs.get(name)
         out.append({"index": k, "name": name, "probability": p, "flag": bool(flags.get(name)),
                     "threshold": None if thresholds is None else float(thresholds[k]),
-                    "branches": {b: (branches.get(b) or {}).get(name) for b in ("global", "local", "fusion")}})
+                    "branches": {b: (branches.get(b) or {}).get(name) for b in BRANCHES}})
     return out

@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import flow
 
 from cxr.core.config import Params
+from cxr.core.labels import STAGES
 
 
 @flow(name="pipeline", log_prints=True)
@@ -27,7 +28,7 @@ def pipeline_flow(params: Params) -> dict:
     summary: dict = {"images": data["ingest"]["images"], "patients": data["ingest"]["patients"],
                      "split_images": data["split"]["images"]}
     summary["cache_images"] = {k: cache_images(params)[k] for k in ("items", "rejected")}
-    for stage in ("global", "local", "fusion"):
+    for stage in STAGES:
         if stage == "local" and params.cache.enabled:
             summary["cache_crops"] = {k: cache_crops(params)[k] for k in ("items", "rejected")}
         trained = train_flow(params, stage)

@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from cxr.core.config import Params
+from cxr.core.labels import STAGES
 from tasks.metadata.ingest import packaged_metadata_path
 from tasks.prefect_tasks import evaluate_task, register_task, train_task
 
@@ -30,4 +31,4 @@ def evaluate_flow(params: Params) -> dict:
 
 @flow(name="train-all", log_prints=True)
 def train_all_flow(params: Params) -> dict:
-    return {stage: train_flow(params, stage) for stage in ("global", "local", "fusion")}
+    return {stage: train_flow(params, stage) for stage in STAGES}

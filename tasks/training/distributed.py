@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cxr.core.config import Params, load_params
+from cxr.core.labels import STAGES
 
 
 def _backend() -> str:
@@ -67,7 +68,7 @@ def train_distributed(params: Params, stage: str, nproc: int, *, progress: bool 
 def main(argv: list[str] | None = None) -> None:
     """Entry point for torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT."""
     parser = argparse.ArgumentParser(prog="python -m tasks.training.distributed")
-    parser.add_argument("--stage", choices=("global", "local", "fusion"), required=True)
+    parser.add_argument("--stage", choices=STAGES, required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     params = load_params(args.params)
