@@ -23,7 +23,7 @@ from cxr.core.atomic import atomic_write_bytes
 FAR, NEAR = "far", "near"
 NEAR_SOURCE = "00000001_000.png"
 #: Where the shared real studies sit beside a checkout (../shared/data/studies); may be absent.
-SHARED_STUDIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "studies"
+SHARED_STUDIES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "studies"
 
 # scikit-image's sample images that ship inside the wheel (no pooch download).
 COLOUR_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
