@@ -111,8 +111,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("evaluate", help="test-split AUROC (global, local, fusion), bootstrap CIs, ROC points, localization IoU")
 
     p = sub.add_parser("score", help="score new studies (PNG, JPEG, DICOM) into scores.parquet, JSON, overlays and an HTML report")
-    p.add_argument("--input", type=Path, required=True, help="folder of studies to score (searched recursively)")
+    p.add_argument("--input", type=Path, help="folder of studies to score (searched recursively)")
     p.add_argument("--out", type=Path, help="output folder (default: paths.reports/scoring)")
+    p.add_argument("--dicomweb", metavar="URL", help="instead of --input: a PACS's DICOMweb root (credentials from "
+                   "CXR_DICOMWEB_USER/CXR_DICOMWEB_PASSWORD or CXR_DICOMWEB_TOKEN); new chest CR/DX instances are "
+                   "scored and, unless score.write_back is false, the results stored back as DICOM SR + SC")
+    p.add_argument("--since", metavar="YYYY-MM-DD", help="with --dicomweb: studies from this date (default: the "
+                   "last run's watermark less source.lookback_days; every study the first time)")
+
+    p = sub.add_parser("receive", help="DICOM C-STORE receiver (pynetdicom): each received image is written into paths.incoming")
+    p.add_argument("--port", type=int, default=11112, help="DICOM port (default 11112)")
+    p.add_argument("--ae-title", default="CXR", help="this receiver's AE title (default CXR)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback)")
 
     p = sub.add_parser("cache", help="build the image cache (decode once) or the crop cache (after stage I)")
     p.add_argument("what", choices=("images", "crops"))
@@ -146,6 +156,23 @@ def _run(args: argparse.Namespace) -> dict | list:
     paths = params.paths
     if args.command == "models":  # the bundles are files: no Prefect run
         return _models(args, params)
+    if args.command == "receive":  # a DIMSE listener: no Prefect run
+        from tasks.scoring.receive import serve_receiver
+
+        serve_receiver(paths.incoming, host=args.host, port=args.port, ae_title=args.ae_title)
+        return {"served": "receive", "host": args.host, "port": args.port}
+    if args.command == "score":
+        if bool(args.input) == bool(args.dicomweb):
+            raise DataError("give exactly one of --input FOLDER or --dicomweb URL")
+        if args.since and not args.dicomweb:
+            raise DataError("--since applies to --dicomweb only")
+        if args.since:
+            import datetime as _dt
+
+            try:
+                _dt.date.fromisoformat(args.since)
+            except ValueError:
+                raise DataError("--since must be a date YYYY-MM-DD") from None
     if args.command == "app":
         import os
 
@@ -183,6 +210,19 @@ def _run(args: argparse.Namespace) -> dict | list:
         return {"model_digest": report["model_digest"], "test_images": report["test_images"],
                 **{f"{b}_mean_auroc": v["mean_auroc"] for b, v in report["branches"].items()},
                 "localization": report["localization"]}
+    if args.command == "score" and args.dicomweb:
+        import datetime as _dt
+
+        from flows.pacs import pacs_scoring_flow
+        from tasks.scoring.dicomweb import scrub_url
+
+        since = _dt.date.fromisoformat(args.since) if args.since else None
+        from tasks.scoring.dicomweb import credentials_to_env
+
+        # The flow (and the Prefect UI) sees the URL without credentials; the source reads them
+        # from the environment (user:password@ in the URL moves there, in this process only).
+        credentials_to_env(args.dicomweb)
+        return pacs_scoring_flow(params, scrub_url(args.dicomweb), args.out or paths.reports / "scoring", since)
     if args.command == "score":
         from flows.score import score
 

@@ -25,13 +25,20 @@ def nightly_scoring_flow(params_file: str = "params.yaml", day: str | None = Non
     params = load_params(params_file)
     store = Path(params.paths.reports) / "nightly"
     day = day or dt.date.today().isoformat()
-    incoming = Path(params.paths.incoming)
-    incoming.mkdir(parents=True, exist_ok=True)
-    summary = score(params, incoming, store)
+    if params.nightly.source == "dicomweb":
+        # A PACS: what is newer than the store's watermark (less source.lookback_days), results stored back.
+        from flows.pacs import pacs_scoring_flow
+
+        summary = pacs_scoring_flow(params, params.nightly.dicomweb_url, store)
+    else:
+        incoming = Path(params.paths.incoming)
+        incoming.mkdir(parents=True, exist_ok=True)
+        summary = score(params, incoming, store)
     dated = store / day
     # The run's page sits at the same depth as the dated folder, so its relative links hold.
-    with atomic_path(dated / "report.html") as tmp:
-        shutil.copyfile(store / "reports" / f"{summary['run_id']}.html", tmp)
+    if summary.get("run_id") and (store / "reports" / f"{summary['run_id']}.html").exists():
+        with atomic_path(dated / "report.html") as tmp:
+            shutil.copyfile(store / "reports" / f"{summary['run_id']}.html", tmp)
     atomic_write_json(dated / "summary.json", summary)
     print(f"nightly scoring {day}: {summary['message']}; report {dated / 'report.html'}")
     return {**summary, "dated_report": str(dated / "report.html")}

@@ -239,6 +239,17 @@ class ScoreParams(_Strict):
     pictures: bool = True
     # Data Docs of the score gates: rebuilt only when a suite's outcome changes ("changed"), or every run.
     data_docs: Literal["changed", "always"] = "changed"
+    # Store the results (a Structured Report and a Secondary Capture per instance) back into the
+    # PACS over STOW-RS. None: true for a PACS (DICOMweb) source; a folder source has nowhere to store.
+    write_back: bool | None = None
+
+
+class SourceParams(_Strict):
+    """A PACS as a scoring source (`cxr score --dicomweb URL`, nightly.source: dicomweb)."""
+
+    # Studies newer than the last successful run less this many days are queried again, so a
+    # study that reaches the PACS late is not missed (instances already scored are skipped).
+    lookback_days: int = Field(7, ge=0)
 
 
 class NightlyParams(_Strict):
@@ -247,6 +258,10 @@ class NightlyParams(_Strict):
     cron: str = "0 2 * * *"
     # IANA name; empty means the machine's local time zone.
     timezone: str = ""
+    # Where the nightly job's studies come from: paths.incoming, or a PACS over DICOMweb.
+    source: Literal["folder", "dicomweb"] = "folder"
+    # The DICOMweb root (no credentials: CXR_DICOMWEB_USER/PASSWORD or CXR_DICOMWEB_TOKEN).
+    dicomweb_url: str = ""
 
 
 class AppParams(_Strict):
@@ -289,6 +304,7 @@ class Params(_Strict):
     cache: CacheParams = CacheParams()
     score: ScoreParams = ScoreParams()
     nightly: NightlyParams = NightlyParams()
+    source: SourceParams = SourceParams()
     dask: DaskParams = DaskParams()
     app: AppParams = AppParams()
 

@@ -1,0 +1,388 @@
+"""A PACS as a scoring source: QIDO-RS for new chest CR/DX instances, WADO-RS into a run folder,
+then the one batch path (`tasks.scoring.run.score_studies`, the one `Scorer`).
+
+- Credentials come from CXR_DICOMWEB_USER / CXR_DICOMWEB_PASSWORD or a bearer token in
+  CXR_DICOMWEB_TOKEN (or user:password@ in the URL, which is then stripped). They live only in
+  the HTTP session: every URL, message, row and summary uses the scrubbed URL.
+- Transient faults (connection refused, timeouts, 5xx) are retried with backoff, then one
+  DataError names the URL and what was wrong; 401/403 (and other 4xx) are not retried.
+- The watermark (`pacs_state.json` in the out dir) is the UTC date of the last successful run;
+  the next query takes studies from that date less `lookback_days` (or `--since`); with no
+  watermark and no `since`, every CR/DX study. Instances already scored by the same model are
+  skipped by SOPInstanceUID (`dicom_index.parquet`, written after each run is folded).
+- An instance whose header says it is not a chest radiograph (BodyPartExamined not CHEST, a
+  non-image SOP class) or that fails to download is a `rejected` row with the reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import re
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pydicom
+import requests
+
+from cxr.core.atomic import atomic_path, atomic_write_json
+from cxr.core.config import Params
+from cxr.core.digest import file_sha256
+from cxr.core.errors import DataError
+from tasks.scoring.rows import SCHEMA, ScoredStudy, base_row, consolidate, read_scores, study_json
+from tasks.scoring.studies import Study
+
+log = logging.getLogger("cxr.pacs")
+
+MODALITIES = ("CR", "DX")
+STATE_FILE = "pacs_state.json"
+INDEX_FILE = "dicom_index.parquet"
+INDEX_SCHEMA = pa.schema([
+    ("study_id", pa.string()), ("sha256", pa.string()), ("model_digest", pa.string()), ("status", pa.string()),
+    ("study_instance_uid", pa.string()), ("series_instance_uid", pa.string()), ("sop_instance_uid", pa.string()),
+    ("sop_class_uid", pa.string()), ("source_url", pa.string()), ("run_id", pa.string()),
+    ("written_back", pa.bool_()),
+])
+# Image storage SOP classes a chest radiograph may come in.
+IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1",  # CR
+    "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX (presentation, processing)
+    "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.1", "1.2.840.10008.5.1.4.1.1.7.2",
+    "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.7.4",  # secondary capture (8/16-bit grey)
+}
+_T_STUDY, _T_SERIES, _T_SOP, _T_CLASS, _T_MOD = "0020000D", "0020000E", "00080018", "00080016", "00080060"
+_T_DATE = "00080020"
+
+
+def scrub_url(url: str) -> str:
+    """The URL without user:password@ (and without a query string, which may carry a token)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
+def _value(item: dict, tag: str):
+    values = (item.get(tag) or {}).get("Value") or [None]
+    return values[0]
+
+
+@dataclass
+class Instance:
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str | None
+
+
+class DicomWebSource:
+    """QIDO-RS / WADO-RS / STOW-RS against one DICOMweb root, with retries and scrubbed errors."""
+
+    def __init__(self, url: str, *, user: str | None = None, password: str | None = None, token: str | None = None,
+                 retries: int = 3, backoff: float = 0.5, timeout: float = 30.0):
+        parts = urlsplit(url)
+        user = user or parts.username and _unquote(parts.username) or os.environ.get("CXR_DICOMWEB_USER")
+        password = password or parts.password and _unquote(parts.password) or os.environ.get("CXR_DICOMWEB_PASSWORD")
+        token = token or os.environ.get("CXR_DICOMWEB_TOKEN")
+        self.url = scrub_url(url)
+        self.retries, self.backoff, self.timeout = retries, backoff, timeout
+        self.session = requests.Session()
+        self.session.trust_env = False  # no proxy or netrc credentials from the environment
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        elif user:
+            self.session.auth = (user, password or "")
+        self._secrets = [s for s in (password, token) if s]
+
+    def __repr__(self) -> str:  # never the credentials
+        return f"DicomWebSource({self.url!r})"
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _fail(self, what: str, where: str | None = None) -> DataError:
+        for secret in self._secrets:
+            what = what.replace(secret, "***")
+        return DataError(f"DICOMweb server {what}", where=where or self.url)
+
+    def request(self, method: str, path: str, **kwargs) -> requests.Response:
+        """One request with retries on transient faults; DataError (scrubbed) when it fails."""
+        url = f"{self.url}/{path.lstrip('/')}"
+        kwargs.setdefault("timeout", self.timeout)
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.session.request(method, url, **kwargs)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                what = f"unreachable ({type(exc).__name__}: connection refused or timed out)"
+                if attempt < self.retries:
+                    log.warning("%s: %s; retry %d of %d", self.url, what, attempt + 1, self.retries)
+                    time.sleep(self.backoff * 2 ** attempt)
+                    continue
+                raise self._fail(f"{what}, after {self.retries + 1} attempts") from None
+            if response.status_code >= 500:
+                if attempt < self.retries:
+                    log.warning("%s: HTTP %d; retry %d of %d", self.url, response.status_code, attempt + 1, self.retries)
+                    response.close()
+                    time.sleep(self.backoff * 2 ** attempt)
+                    continue
+                raise self._fail(f"answered HTTP {response.status_code} {response.reason} "
+                                 f"after {self.retries + 1} attempts")
+            if response.status_code in (401, 403):
+                raise self._fail(f"refused the credentials (HTTP {response.status_code} {response.reason}); "
+                                 "check CXR_DICOMWEB_USER/CXR_DICOMWEB_PASSWORD or CXR_DICOMWEB_TOKEN")
+            if response.status_code >= 400:
+                raise self._fail(f"answered HTTP {response.status_code} {response.reason} to {method} {path}")
+            return response
+        raise AssertionError("unreachable")
+
+    def qido(self, path: str, params: dict | None = None) -> list[dict]:
+        response = self.request("GET", path, params=params, headers={"Accept": "application/dicom+json"})
+        if response.status_code == 204 or not response.content:
+            return []
+        return response.json()
+
+    # ------------------------------------------------------------------ QIDO-RS
+
+    def studies(self, since: dt.date | None = None) -> list[dict]:
+        """CR/DX studies (StudyDate >= since when given), one query per modality, unique by UID."""
+        found: dict[str, dict] = {}
+        for modality in MODALITIES:
+            params = {"ModalitiesInStudy": modality, "includefield": "StudyDate", "limit": "100000"}
+            if since is not None:
+                params["StudyDate"] = since.strftime("%Y%m%d") + "-"
+            for item in self.qido("studies", params):
+                found.setdefault(_value(item, _T_STUDY), item)
+        return list(found.values())
+
+    def instances(self, since: dt.date | None = None) -> list[Instance]:
+        """Every CR/DX instance of the new studies (other series, such as our SR/SC, left out)."""
+        out = []
+        for study in self.studies(since):
+            study_uid = _value(study, _T_STUDY)
+            for series in self.qido(f"studies/{study_uid}/series"):
+                if _value(series, _T_MOD) not in MODALITIES:
+                    continue
+                series_uid = _value(series, _T_SERIES)
+                for inst in self.qido(f"studies/{study_uid}/series/{series_uid}/instances"):
+                    out.append(Instance(study_uid, series_uid, _value(inst, _T_SOP), _value(inst, _T_CLASS)))
+        return out
+
+    # ------------------------------------------------------------------ WADO-RS
+
+    def retrieve(self, inst: Instance, dest: Path, max_bytes: int) -> None:
+        """Stream one instance to `dest` (atomically), never holding more than max_bytes of it.
+
+        DataError when it is over the limit or the answer is not one DICOM part.
+        """
+        path = f"studies/{inst.study_instance_uid}/series/{inst.series_instance_uid}/instances/{inst.sop_instance_uid}"
+        accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+        response = self.request("GET", path, headers={"Accept": accept}, stream=True)
+        limit = max_bytes + 64 * 1024  # the multipart envelope
+        with response, tempfile.TemporaryFile(dir=dest.parent) as raw:
+            size = 0
+            for chunk in response.iter_content(1 << 20):
+                size += len(chunk)
+                if size > limit:
+                    raise DataError(f"instance is over the limit of {max_bytes} bytes (score.max_bytes)",
+                                    where=inst.sop_instance_uid)
+                raw.write(chunk)
+            raw.seek(0)
+            body = raw.read()
+        ctype = response.headers.get("Content-Type", "")
+        match = re.search(r'boundary="?([^";]+)"?', ctype)
+        if match:
+            delim = b"--" + match.group(1).encode()
+            parts = [p for p in body.split(delim) if p.strip(b"\r\n-")]
+            if len(parts) != 1 or b"\r\n\r\n" not in parts[0]:
+                raise DataError("WADO-RS answer is not one DICOM part", where=inst.sop_instance_uid)
+            body = parts[0].split(b"\r\n\r\n", 1)[1]
+            body = body[:-2] if body.endswith(b"\r\n") else body
+        if len(body) > max_bytes:
+            raise DataError(f"instance of {len(body)} bytes is over the limit of {max_bytes} bytes (score.max_bytes)",
+                            where=inst.sop_instance_uid)
+        with atomic_path(dest) as tmp:
+            Path(tmp).write_bytes(body)
+
+    # ------------------------------------------------------------------ STOW-RS
+
+    def store(self, datasets: list[pydicom.Dataset], study_uid: str) -> None:
+        """STOW-RS the datasets into the study (one multipart request)."""
+        from io import BytesIO
+
+        boundary = secrets.token_hex(16)
+        chunks = []
+        for ds in datasets:
+            buf = BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            chunks += [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(), buf.getvalue(), b"\r\n"]
+        chunks.append(f"--{boundary}--\r\n".encode())
+        self.request("POST", f"studies/{study_uid}", data=b"".join(chunks), headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json"})
+
+
+def _unquote(text: str) -> str:
+    from urllib.parse import unquote
+
+    return unquote(text)
+
+
+# ---------------------------------------------------------------------- the run store
+
+
+def read_state(out_dir: Path) -> dict:
+    import json
+
+    path = Path(out_dir) / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def read_index(out_dir: Path) -> pd.DataFrame:
+    path = Path(out_dir) / INDEX_FILE
+    if not path.exists():
+        return INDEX_SCHEMA.empty_table().to_pandas()
+    table = pq.read_table(path)
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+            for f in INDEX_SCHEMA]
+    return pa.Table.from_arrays(cols, schema=INDEX_SCHEMA).to_pandas()
+
+
+def write_index(out_dir: Path, df: pd.DataFrame) -> None:
+    df = df.drop_duplicates(["sop_instance_uid", "model_digest"], keep="last").reset_index(drop=True)
+    with atomic_path(Path(out_dir) / INDEX_FILE) as tmp:
+        pq.write_table(pa.Table.from_pandas(df, schema=INDEX_SCHEMA, preserve_index=False), tmp)
+
+
+def header_reason(path: Path, inst: Instance) -> str | None:
+    """Why the header says this is not a chest radiograph (None when it may be one)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable header is a rejected row
+        return f"not a readable DICOM file ({type(exc).__name__})"
+    sop_class = str(ds.get("SOPClassUID", inst.sop_class_uid or ""))
+    if sop_class not in IMAGE_SOP_CLASSES:
+        return f"not a radiograph image: SOP class {sop_class or 'missing'}"
+    body = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if body and body != "CHEST":
+        return f"not a chest radiograph: BodyPartExamined is {body}"
+    return None
+
+
+def _since(params: Params, out_dir: Path, since: dt.date | None) -> dt.date | None:
+    if since is not None:
+        return since
+    mark = read_state(out_dir).get("watermark")
+    if not mark:
+        return None
+    return dt.date.fromisoformat(mark) - dt.timedelta(days=params.source.lookback_days)
+
+
+def score_dicomweb(params: Params, url: str, out_dir: Path, *, since: dt.date | None = None,
+                   write_back: bool | None = None, models_dir: Path | None = None,
+                   source: DicomWebSource | None = None) -> dict:
+    """Score the new chest CR/DX instances of a DICOMweb server into `out_dir`; store results back.
+
+    Returns the run's summary (as `score_studies`, plus the PACS counts); the URL in it is scrubbed.
+    """
+    from tasks.scoring.run import score_studies
+    from tasks.scoring.scorer import Scorer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = source or DicomWebSource(url)
+    write_back = params.score.write_back if write_back is None else write_back
+    write_back = True if write_back is None else write_back
+    scorer = Scorer.load(params, models_dir=models_dir)  # no registered bundle: nothing is fetched
+    digest = scorer.digest
+    started = dt.datetime.now(dt.timezone.utc)
+    window = _since(params, out_dir, since)
+    index = read_index(out_dir)
+    done = set(index.loc[index["model_digest"] == digest, "sop_instance_uid"])
+    found = source.instances(window)
+    todo = [i for i in found if i.sop_instance_uid not in done]
+    stamp = started.strftime("%Y%m%dT%H%M%S%fZ")
+    run_dir = out_dir / "pacs" / stamp
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows, rejected = [], []
+    max_bytes = params.score.max_bytes
+    for inst in todo:
+        dest = run_dir / f"{inst.sop_instance_uid}.dcm"
+        study_id = dest.relative_to(run_dir).as_posix()
+        reason = None
+        try:
+            source.retrieve(inst, dest, max_bytes)
+        except DataError as exc:
+            if "refused the credentials" in str(exc) or "unreachable" in str(exc) or "HTTP 5" in str(exc):
+                raise  # the server itself is failing: the run stops (the rerun resumes)
+            reason = f"download failed: {exc}"
+        sha = file_sha256(dest) if dest.exists() else None
+        if reason is None:
+            reason = header_reason(dest, inst)
+        entry = {"study_id": study_id, "sha256": sha, "model_digest": digest, "study_instance_uid": inst.study_instance_uid,
+                 "series_instance_uid": inst.series_instance_uid, "sop_instance_uid": inst.sop_instance_uid,
+                 "sop_class_uid": inst.sop_class_uid, "source_url": source.url, "written_back": False}
+        if reason is not None:
+            rejected.append((Study(study_id, dest, sha, reason), entry))
+            if dest.exists():  # kept aside: not in the folder the scorer reads
+                dest.rename(run_dir.parent / f"{stamp}-rejected-{dest.name}")
+        rows.append(entry)
+
+    run_id = None
+    summary: dict = {}
+    scorable = any(run_dir.iterdir())
+    if rejected:
+        run_id = f"{stamp}-pacs"
+        part_rows = []
+        for study, _ in rejected:
+            row = base_row(study, digest, run_id, "rejected")
+            atomic_write_json(out_dir / row["json"], study_json(ScoredStudy(row)))
+            part_rows.append(row)
+        with atomic_path(out_dir / "parts" / f"part-{run_id}-header.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(part_rows, schema=SCHEMA), tmp)
+    if scorable:
+        summary = score_studies(params, run_dir, out_dir, models_dir=models_dir)
+    elif rejected:
+        consolidate(out_dir)
+    else:
+        run_dir.rmdir()
+    scores = read_scores(out_dir)
+    scores = scores[scores["model_digest"] == digest].drop_duplicates(["sha256", "model_digest"])
+    by_sha = {s: r for s, r in zip(scores["sha256"], scores.to_dict("records"))}
+    for entry in rows:
+        row = by_sha.get(entry["sha256"])
+        entry["status"] = None if row is None else row["status"]
+        entry["run_id"] = None if row is None else row["run_id"]
+    index = pd.concat([index, pd.DataFrame(rows, columns=INDEX_SCHEMA.names)], ignore_index=True)
+    write_index(out_dir, index)  # before write-back: a kill after it stores the same UIDs again, harmlessly
+
+    stored = 0
+    if write_back:
+        from tasks.scoring.dicom_sink import write_back_index
+
+        stored = write_back_index(source, out_dir, scorer)
+    atomic_write_json(out_dir / STATE_FILE, {"watermark": started.date().isoformat(), "source_url": source.url,
+                                             "last_run": started.isoformat(), "model_digest": digest})
+    n_rej_header = len(rejected)
+    return {**summary, "source_url": source.url,
+            "since": None if window is None else window.isoformat(), "instances_found": len(found),
+            "already_scored_instances": len(found) - len(todo), "header_rejected": n_rej_header,
+            "stored_back": stored, "model_digest": digest,
+            "message": (summary.get("message", "no new instances to score") +
+                        f"; {len(todo)} new instances from {source.url}, {n_rej_header} refused by header, "
+                        f"{stored} result objects stored back")}
+
+
+def credentials_to_env(url: str) -> None:
+    """Move user:password@ of a URL into CXR_DICOMWEB_USER/PASSWORD of this process (if any)."""
+    parts = urlsplit(url)
+    if parts.username:
+        os.environ["CXR_DICOMWEB_USER"] = _unquote(parts.username)
+        os.environ["CXR_DICOMWEB_PASSWORD"] = _unquote(parts.password or "")
