@@ -136,7 +136,7 @@ def write_back_index(source, out_dir: Path, scorer) -> int:
 
     `written_back` is set in the index after each instance's objects are stored.
     """
-    from tasks.scoring.dicomweb import read_index, write_index
+    from tasks.scoring.dicom_index import read_index, write_index
 
     out_dir = Path(out_dir)
     index = read_index(out_dir)

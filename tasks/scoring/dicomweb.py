@@ -38,19 +38,13 @@ from cxr.core.config import Params
 from cxr.core.digest import file_sha256
 from cxr.core.errors import DataError
 from tasks.scoring.rows import SCHEMA, ScoredStudy, base_row, consolidate, read_scores, study_json
+from tasks.scoring.dicom_index import INDEX_FILE, INDEX_SCHEMA, read_index, write_index  # noqa: F401
 from tasks.scoring.studies import Study
 
 log = logging.getLogger("cxr.pacs")
 
 MODALITIES = ("CR", "DX")
 STATE_FILE = "pacs_state.json"
-INDEX_FILE = "dicom_index.parquet"
-INDEX_SCHEMA = pa.schema([
-    ("study_id", pa.string()), ("sha256", pa.string()), ("model_digest", pa.string()), ("status", pa.string()),
-    ("study_instance_uid", pa.string()), ("series_instance_uid", pa.string()), ("sop_instance_uid", pa.string()),
-    ("sop_class_uid", pa.string()), ("source_url", pa.string()), ("run_id", pa.string()),
-    ("written_back", pa.bool_()),
-])
 # Image storage SOP classes a chest radiograph may come in.
 IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1",  # CR
@@ -245,20 +239,8 @@ def read_state(out_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def read_index(out_dir: Path) -> pd.DataFrame:
-    path = Path(out_dir) / INDEX_FILE
-    if not path.exists():
-        return INDEX_SCHEMA.empty_table().to_pandas()
-    table = pq.read_table(path)
-    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
-            for f in INDEX_SCHEMA]
-    return pa.Table.from_arrays(cols, schema=INDEX_SCHEMA).to_pandas()
 
 
-def write_index(out_dir: Path, df: pd.DataFrame) -> None:
-    df = df.drop_duplicates(["sop_instance_uid", "model_digest"], keep="last").reset_index(drop=True)
-    with atomic_path(Path(out_dir) / INDEX_FILE) as tmp:
-        pq.write_table(pa.Table.from_pandas(df, schema=INDEX_SCHEMA, preserve_index=False), tmp)
 
 
 def header_reason(path: Path, inst: Instance) -> str | None:
