@@ -1,11 +1,12 @@
 """One study, fast: the web app's upload-to-JSON latency, and 8 concurrent clients against 1.
 
-    .venv/bin/python benchmarks/bench_app.py [--latency 100] [--single 100] [--concurrent 240]
+    .venv/bin/python benchmarks/bench_app.py [--latency 100] [--concurrent 240] [--clients 8]
 
 The demo profile (ResNet-18 AG-CNN, 128 px network input, overlay_size 384, score.batch_size
-16) with random weights registered like bench_score.py's (the time of a forward pass does not
-depend on the weights' values; their OOD gate is fitted on synthetic renderings when
-tasks/ood.py is present), served by the real `cxr app` command on a loopback port. The
+16) with random weights registered as a model bundle like bench_score.py's (the time of a
+forward pass does not depend on the weights' values; the bundle's OOD gate is fitted on
+synthetic renderings, its thresholds are a flat 0.5), served by the real `cxr app` command on
+a loopback port. The
 uploads are distinct synthetic 128 px chest renderings, so every request is scored (no record
 hit) unless said otherwise. In one run:
   * latency: one client, one upload at a time: p50/p95 of POST /api/v1/studies until the JSON

@@ -95,7 +95,7 @@ def _measure(tmp: Path, ids: list[str]) -> dict:
 
     from benchmarks.dask_harness import alternating_rounds, local_clusters, throughput
 
-    with local_clusters("import prefect.task_engine, tasks.prefect_tasks, tasks.image_cache, tasks.images") as (
+    with local_clusters("import prefect.task_engine, tasks.prefect_tasks, tasks.images.image_cache, tasks.images") as (
             clusters, clients):
         cache_images(params(clusters[1].scheduler_address, tmp / "warm"))  # the flow process's imports
 

@@ -65,7 +65,7 @@ def _measure(tmp: Path) -> dict:
     from benchmarks.dask_harness import alternating_rounds, local_clusters, throughput
     from flows.score import score
 
-    with local_clusters("import prefect.task_engine, tasks.prefect_tasks, tasks.score") as (clusters, clients):
+    with local_clusters("import prefect.task_engine, tasks.prefect_tasks, tasks.scoring.run") as (clusters, clients):
         for n in (1, 2):  # each worker loads the weights once per process: paid before timing
             score(_params(tmp, clusters[n].scheduler_address), tmp / "studies", tmp / f"warm-{n}")
 

@@ -1,6 +1,6 @@
 """The model-free out-of-distribution precheck: what it catches and what it costs.
 
-Detection on the generated non-chest corpus (tasks/ood_corpus.py; near cases apart) and on gray
+Detection on the generated non-chest corpus (tasks/evaluation/ood_corpus.py; near cases apart) and on gray
 pictures outside it (scikit-image's colour samples as gray, patterns), the pass
 rate of real radiographs (the 800-image NIH sample the reference was fitted on, plus the
 reference's own out-of-fold pass rates, which are the honest held-out figure) and of fresh

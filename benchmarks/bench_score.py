@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/bench_score.py --profile 300     # cProfile of one in-process run
 
 The demo profile (ResNet-18 AG-CNN, 128 px network input, score.batch_size, overlay_size 384)
-with random weights, registered, with an out-of-distribution gate fitted on synthetic
-renderings (when tasks/ood.py is present), over `--studies` distinct synthetic 128 px chest
-renderings (tasks/synth.py) in a temp folder. In one run, on the same model, input size and
+with random weights, registered as a real model bundle (tasks.training.registration) with an
+out-of-distribution gate fitted on synthetic renderings and flat 0.5 thresholds (there is no
+training split to fit either on), over `--studies` distinct synthetic 128 px chest renderings
+(tasks/metadata/synth.py) in a temp folder. In one run, on the same model, input size and
 batch:
   * forward-only: the AG-CNN forward over the studies' network inputs already in memory
     (uint8 tensors; no decode, no gate, no output) - what the hardware can do;
@@ -42,7 +43,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import prefect_server, publish  # noqa: E402
-from cxr.core.atomic import atomic_write_json  # noqa: E402
 from cxr.core.config import Params  # noqa: E402
 from cxr.core.labels import PATHOLOGIES  # noqa: E402
 
@@ -74,16 +74,17 @@ def make_studies(folder: Path, n: int, side: int = 128, seed: int = 0) -> Path:
     return folder
 
 
-def make_models(models_dir: Path, params: Params) -> None:
-    """Random AG-CNN weights, registered (scoring refuses unregistered ones), flat 0.5 thresholds,
-    and an OOD gate fitted on the model's pooled features of synthetic renderings."""
+def make_models(models_dir: Path, params: Params) -> dict:
+    """Random AG-CNN weights registered as a bundle (scoring reads only bundles): the real
+    `register`, with the two fits that need a training split replaced (there is none here):
+    the OOD gate is fitted on the model's pooled features of synthetic renderings, and the
+    thresholds are a flat 0.5. Returns the bundle's manifest."""
     import torch
 
-    import tasks.bundle.registry as registry
+    import tasks.training.registration as registration
     from models.branch import build_branch
     from models.fusion import FusionHead
-    from tasks.bundle.thresholds import rule_key
-    from tasks.bundle.weights import model_digest, save_weights
+    from tasks.bundle.weights import save_weights
 
     torch.manual_seed(0)
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -91,28 +92,33 @@ def make_models(models_dir: Path, params: Params) -> None:
     save_weights(build_branch("resnet18"), models_dir / "global.safetensors", {**meta, "stage": "global"})
     save_weights(build_branch("resnet18"), models_dir / "local.safetensors", {**meta, "stage": "local"})
     save_weights(FusionHead(512, 512), models_dir / "fusion.safetensors", {**meta, "stage": "fusion"})
-    if hasattr(registry, "fit_model_gate"):  # the real gate needs a crop cache: fit it on renderings instead
-        registry.fit_model_gate = lambda p, digest: _synthetic_gate(p, digest)
-    registry.register(params)
-    entry = {"rule": rule_key(params), "data_version": "benchmark", "valid_images": 0,
-             "classes": {p: {"threshold": 0.5, "source": "benchmark"} for p in PATHOLOGIES}}
-    atomic_write_json(models_dir / "thresholds.json", {model_digest(models_dir): {rule_key(params): entry}})
+    real = registration.fit_model_gate, registration.fit_thresholds
+    registration.fit_model_gate, registration.fit_thresholds = _synthetic_gate, _flat_thresholds
+    try:
+        return registration.register(params)
+    finally:
+        registration.fit_model_gate, registration.fit_thresholds = real
+
+
+def _flat_thresholds(params: Params, model, device) -> dict:
+    from tasks.bundle.thresholds import rule_key
+
+    return {"rule": rule_key(params.score), "data_version": "benchmark", "valid_images": 0,
+            "classes": {p: {"threshold": 0.5, "source": "benchmark"} for p in PATHOLOGIES}}
 
 
 def _synthetic_gate(params: Params, digest: str):
     import torch
 
-    from tasks.images.geometry import to_input
-    from tasks.bundle.ood_gate import fit_gate, save_gate
+    from tasks.bundle.ood_gate import fit_gate
     from tasks.bundle.weights import load_agcnn
+    from tasks.images.geometry import to_input
 
     model = load_agcnn(params.paths.models, params.model)
     with torch.inference_mode():
         pixels = torch.from_numpy(np.stack(render_studies(192, params.model.image_size, seed=1)))
         pooled = model.global_branch(to_input(pixels)).pooled.numpy()
-    gate = fit_gate(pooled[:128], pooled[128:], digest, params.score.ood_false_rejection)
-    save_gate(Path(params.paths.models), gate)
-    return gate
+    return fit_gate(pooled[:128], pooled[128:], digest, params.score.ood_false_rejection)
 
 
 def forward_only(params: Params, inputs: Path, batch: int, limit: int | None = None) -> tuple[float, float]:
@@ -121,14 +127,15 @@ def forward_only(params: Params, inputs: Path, batch: int, limit: int | None = N
     hundred studies measure it as well as thousands."""
     import torch
 
+    from tasks.bundle.registry import load_bundle
+    from tasks.images.geometry import network_pixels_from_image as network_pixels
     from tasks.images.geometry import to_input
     from tasks.images.loader import load_image
-    from tasks.images.geometry import network_pixels_from_image as network_pixels
-    from tasks.bundle.weights import load_agcnn
 
-    model = load_agcnn(params.paths.models, params.model)
+    bundle = load_bundle(params.paths.models)  # the weights scoring uses, at their geometry
+    model = bundle.agcnn()
     files = sorted(inputs.iterdir())[:limit]
-    pixels = torch.from_numpy(np.stack([network_pixels(load_image(p), params.model) for p in files]))
+    pixels = torch.from_numpy(np.stack([network_pixels(load_image(p), bundle.model) for p in files]))
     with torch.inference_mode():
         model(to_input(pixels[:batch]))  # first-call costs
         with timer() as t:
@@ -274,8 +281,6 @@ def main() -> None:
         # Studies per CPU second (all threads): less sensitive to other processes on the machine.
         "cpu_end_to_end_over_forward": round(cpu_e2e / cpu_forward, 3),
         "load_average_at_start": round(load, 2), "cpu_cores": os.cpu_count(),
-        # PASSIVE: idle OpenMP threads sleep instead of spinning, so CPU seconds count work only.
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "target_end_to_end_over_forward": 0.5,
         "throughput_studies": args.single_studies,
         "batched_studies_per_s": round(rate_batched, 2), "single_studies_per_s": round(rate_single, 2),

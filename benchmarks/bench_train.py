@@ -1,7 +1,7 @@
 """Training fed at the limit: stage I samples/s of the real training loop over the model's own
 forward+backward+step samples/s on tensors already in memory, one run.
 
-Numerator: `tasks.train.train_stage` (stage I, 2 epochs) on the real 800-image NIH sample;
+Numerator: `tasks.training.stages.train_stage` (stage I, 2 epochs) on the real 800-image NIH sample;
 the second (warm) epoch's `train_seconds` from its history: the whole per-epoch loop (seeded
 order, flips and augmentation draws, whole-batch fetch, uint8 -> float on the device, forward,
 loss, backward, step), validation excluded. Denominator: the same model (a fresh branch of the

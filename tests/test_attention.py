@@ -12,7 +12,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.attention_reference import reference_boxes, reference_crops, reference_mask_box  # noqa: E402
+from benchmarks.attention_reference import (  # noqa: E402
+    reference_boxes,
+    reference_crops,
+    reference_heatmap,
+    reference_mask_box,
+)
 from models.attention import (  # noqa: E402
     attention_boxes,
     attention_heatmap,
@@ -273,10 +278,34 @@ def test_boxes_then_crops_end_to_end_batch_of_one():
     assert crops.shape == (1, 3, 56, 56)
 
 
-def test_heatmap_max_abs_equals_amax_for_odd_and_even_channel_counts():
-    for shape in ((5, 2047, 3, 3), (3, 7, 2, 2), (40, 64, 7, 7), (2, 1, 4, 4)):
+@pytest.mark.parametrize("mode", ["max_abs", "l1"])
+def test_heatmap_equals_per_image_reference(mode):
+    for shape in ((5, 2047, 3, 3), (3, 7, 2, 2), (40, 64, 7, 7), (2, 1, 4, 4), (3, 2048, 7, 7)):
         f = torch.randn(*shape)
-        assert torch.equal(attention_heatmap(f), f.abs().amax(dim=1)), shape
+        ours = attention_heatmap(f, mode)
+        assert ours.dtype == torch.float32 and ours.shape == (shape[0], *shape[2:])
+        np.testing.assert_array_equal(ours.numpy(), np.stack([reference_heatmap(x, mode) for x in f.numpy()]),
+                                      err_msg=str(shape))
+
+
+def test_benchmark_candidates_compute_what_the_kernels_compute():
+    """bench_attention.py times each kernel against a library call; both sides must agree
+    (the crops' roi_align only inside the box: it samples across the box's edges)."""
+    from benchmarks.bench_attention import halving_tree_channel_max, roi_align_crops, scipy_component_boxes
+
+    gen = torch.Generator().manual_seed(3)
+    for shape in ((6, 2047, 3, 3), (4, 64, 7, 7), (2, 1, 4, 4)):
+        f = torch.randn(*shape, generator=gen)
+        assert torch.equal(halving_tree_channel_max(f), attention_heatmap(f)), shape
+    for density in (0.0, 0.1, 0.45, 0.7):
+        m = torch.rand(12, 40, 33, generator=gen) < density
+        np.testing.assert_array_equal(scipy_component_boxes(m.numpy()), largest_component_boxes(m).numpy())
+    images = torch.rand(6, 3, 64, 64, generator=gen)
+    boxes = torch.tensor([[0, 0, 63, 63], [10, 12, 40, 50], [5, 5, 36, 36], [0, 20, 31, 51], [30, 0, 61, 31],
+                          [16, 16, 47, 47]])
+    ours, theirs = crop_boxes(images, boxes, 64), roi_align_crops(images, boxes, 64)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-5)  # whole image: no outside to read
+    torch.testing.assert_close(ours[..., 4:-4, 4:-4], theirs[..., 4:-4, 4:-4], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("source,size", [((7, 7), (224, 224)), ((8, 8), (256, 256)), ((7, 5), (37, 61)),

@@ -13,7 +13,7 @@ import torch
 
 from cxr.core.errors import DataError
 from tasks.bundle.bundle import MANIFEST, open_bundle
-from tasks.bundle.registry import list_bundles, load_bundle, promote, read_registry
+from tasks.bundle.registry import list_bundles, load_bundle, read_registry
 from tasks.bundle.weights import load_weights, model_digest, save_weights
 from tasks.scoring.run import score_studies
 from tasks.scoring.scorer import Scorer

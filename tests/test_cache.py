@@ -83,7 +83,7 @@ def test_image_cache_index_pixels_and_rejects(tmp_path):
 
 _KILLABLE_BUILD = """
 import sys, time
-import tasks.image_cache as ic
+import tasks.images.image_cache as ic
 real = ic.build_image_chunk
 def slow(plan, i):
     out = real(plan, i)

@@ -146,7 +146,7 @@ def test_a_worker_killed_mid_build_loses_and_duplicates_nothing(workspace, strai
     from flows.cache import cache_images
 
     lc, client = cluster
-    client.run(exec, _SLOW.format(module="tasks.image_cache", name="build_image_chunk"), {})  # its own globals
+    client.run(exec, _SLOW.format(module="tasks.images.image_cache", name="build_image_chunk"), {})  # its own globals
     params = _params(workspace, tmp_path, cluster)
     key = cache_store.published_meta(straight)["key"]
     vdir = cache_store.version_dir(tmp_path / "cache" / "images", key)
@@ -267,7 +267,7 @@ def test_a_worker_killed_mid_scoring_loses_and_duplicates_nothing(scoring, clust
 
     params, inputs, reference = scoring
     lc, client = cluster
-    client.run(exec, _SLOW.format(module="tasks.score", name="score_shard"), {})
+    client.run(exec, _SLOW.format(module="tasks.scoring.run", name="score_shard"), {})
     out = tmp_path / "out"
     with killing_a_busy_worker(client, lambda: list((out / "parts").glob("part-*.parquet")), timeout=90) as killed:
         summary = score(_score_params(params, tmp_path, cluster), inputs, out)

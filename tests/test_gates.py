@@ -1,4 +1,4 @@
-"""Hardening of the scoring path: the model registry gate, input confinement, the manifest and
+"""Hardening of the scoring path: the model bundle gate, input confinement, the manifest and
 scores gates (Great Expectations), and Prefect retries of transient I/O only."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from cxr.core.errors import DataError
+from cxr.core.labels import LABEL_COLUMNS
 from tests.conftest import NIH_SAMPLE, STUDIES, run_cxr, registered_copy
 
 NIH_IMAGES = sorted((NIH_SAMPLE / "images").glob("*.png"))
@@ -49,28 +50,77 @@ def _score(params, input_dir, out_dir):
 # --------------------------------------------------------------------------- registry
 
 
-def test_cli_refuses_swapped_weights_and_writes_nothing(params, tmp_path, prefect_server):
-    models = tmp_path / "models"
-    shutil.copytree(params.paths.models, models)  # registry.json included: registered, then swapped
-    local = models / "local.safetensors"
-    data = bytearray(local.read_bytes())
+def _flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # one flipped bit in a weight
-    local.write_bytes(bytes(data))
+    path.write_bytes(bytes(data))
+
+
+def _models_copy(params, models: Path):
+    """`params` on a private copy of its models folder (registry, bundle and working weights)."""
+    shutil.copytree(params.paths.models, models)
+    return params.model_copy(update={"paths": params.paths.model_copy(
+        update={"models": models, "roots": (*params.paths.roots, models.parent)})})
+
+
+def test_cli_refuses_a_changed_bundle_and_writes_nothing(params, tmp_path, prefect_server):
+    from tasks.bundle.registry import resolve_digest
+
+    models = tmp_path / "models"
+    shutil.copytree(params.paths.models, models)  # registry.json included: registered, then changed
+    digest = resolve_digest(models)
+    _flip_a_bit(models / digest / "local.safetensors")
     out = tmp_path / "out"
     result = run_cxr("--params", str(_params_file(params, tmp_path / "p.yaml", models=models)), "score",
                      "--input", str(STUDIES), "--out", str(out))
+    err = result.stderr.replace("\n", " ")
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "not in the model registry" in result.stderr and "local weights differ" in result.stderr
-    assert "refusing to use unregistered weights" in result.stderr.replace("\n", " ")
+    assert "the model bundle's local.safetensors do not match the digests in its manifest" in err
+    assert "refusing to use weights that are not the registered ones" in err and digest in err  # names the folder
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_an_incomplete_bundle_is_refused_before_anything_is_written(params, tmp_path):
+    from tasks.bundle.ood_gate import GATE_FILE
+    from tasks.bundle.registry import resolve_digest
+    from tasks.scoring.scorer import Scorer
+
+    own = _models_copy(params, tmp_path / "models")
+    digest = resolve_digest(own.paths.models)
+    (own.paths.models / digest / GATE_FILE).unlink()
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=f"the model bundle is incomplete: {GATE_FILE} missing"):
+        _score(own, STUDIES, out)
+    assert not out.exists()
+    with pytest.raises(DataError, match="incomplete"):
+        Scorer.load(own)  # the app's and the shards' way in: the same refusal
+
+
+def test_changed_working_weights_do_not_change_what_scoring_uses(params, tmp_path):
+    """paths.models/*.safetensors are training outputs; scoring reads only the current bundle."""
+    from tasks.bundle.registry import resolve_digest
+    from tasks.bundle.weights import model_digest
+
+    own = _models_copy(params, tmp_path / "models")
+    digest = resolve_digest(own.paths.models)
+    _flip_a_bit(own.paths.models / "local.safetensors")  # the working copy, not the bundle's
+    assert model_digest(own.paths.models) != digest
+    changed = _score(own, STUDIES, tmp_path / "changed")
+    reference = _score(params, STUDIES, tmp_path / "reference")
+    assert changed["model_digest"] == reference["model_digest"] == digest
+    assert changed["scored"] == reference["scored"] == 2
+    a, b = (pd.read_parquet(tmp_path / name / "scores.parquet").set_index("study_id").sort_index()
+            for name in ("changed", "reference"))
+    assert (a["model_digest"] == digest).all()
+    np.testing.assert_array_equal(a[list(LABEL_COLUMNS)].to_numpy(), b[list(LABEL_COLUMNS)].to_numpy())
 
 
 # --------------------------------------------------------------------------- manifest gate
 
 
 def test_links_outside_the_input_and_bad_sizes_are_rejected_unread(params, tmp_path, monkeypatch):
-    import tasks.scoring.run as score
+    import tasks.scoring.studies as studies
 
     small, large = sorted(NIH_IMAGES[:2], key=lambda p: p.stat().st_size)
     assert small.stat().st_size < large.stat().st_size
@@ -82,8 +132,8 @@ def test_links_outside_the_input_and_bad_sizes_are_rejected_unread(params, tmp_p
     (inputs / "sub" / "inside_link.png").symlink_to(inputs / small.name)  # a link that stays inside is fine
 
     opened = []
-    real_sha = score.file_sha256
-    monkeypatch.setattr(score, "file_sha256", lambda p: opened.append(Path(p).name) or real_sha(p))
+    real_sha = studies.file_sha256
+    monkeypatch.setattr(studies, "file_sha256", lambda p: opened.append(Path(p).name) or real_sha(p))
     limited = params.model_copy(update={"score": params.score.model_copy(update={"max_bytes": small.stat().st_size})})
     out = tmp_path / "out"
     summary = _score(limited, inputs, out)
@@ -174,7 +224,6 @@ def test_nan_scores_publish_nothing_and_keep_the_last_good_report(params, tmp_pa
 
 
 def test_scores_gate_names_out_of_range_and_duplicate_rows(tmp_path):
-    from cxr.core.labels import LABEL_COLUMNS
     from tasks.scoring.gates import validate_scores
 
     rows = pd.DataFrame({"study_id": ["a.png", "b.png", "c.png"], "model_digest": ["m"] * 3,
@@ -224,7 +273,6 @@ def test_tasks_retry_transient_io_but_not_bad_data(prefect_server):
 
 
 def test_score_gate_data_docs_are_rebuilt_only_when_the_outcome_changes(tmp_path):
-    from cxr.core.labels import LABEL_COLUMNS
     from tasks.scoring.gates import validate_scores
 
     def rows(n: int, bad: bool = False) -> pd.DataFrame:

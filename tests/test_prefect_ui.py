@@ -130,7 +130,7 @@ def test_nightly_deployment_is_served_on_its_schedule_and_runs(scoring_run, pref
     incoming = root / "incoming"
     incoming.mkdir()
     shutil.copy(STUDIES / "00000001_000.png", incoming / "a.png")
-    params_file = _params_file(__import__("cxr.config", fromlist=["load_params"]).load_params(scoring_run["params_file"]),
+    params_file = _params_file(__import__("cxr.core.config", fromlist=["load_params"]).load_params(scoring_run["params_file"]),
                                root / "nightly.yaml", incoming=incoming)
     env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", PREFECT_API_URL=prefect_server)
     server = subprocess.Popen([str(VENV_BIN / "cxr"), "--params", str(params_file), "serve"], cwd=ROOT, env=env,

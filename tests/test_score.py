@@ -25,7 +25,7 @@ from tests.data.make_bad_corpus import make_bad_corpus
 
 @pytest.fixture(scope="module")
 def params(trained):
-    """The trained params with a private, registered copy of the models (thresholds.json is written there)."""
+    """The trained params with a private, registered copy of the models (its bundle holds the thresholds)."""
     return registered_copy(trained, "score-models", batch_size=4, overlay_size=128)
 
 
@@ -152,18 +152,54 @@ def test_thresholds_rule_and_fallback():
     assert operating_thresholds(y, p, "sensitivity", target_sensitivity=0.6)[0]["threshold"] == pytest.approx(0.7)
 
 
-def test_thresholds_are_stored_once_per_model_digest(params, tmp_path, monkeypatch):
-    import tasks.bundle.thresholds as th
-    from tasks.bundle.weights import load_agcnn, model_digest
+def test_thresholds_are_fitted_at_registration_and_kept_per_rule(params, tmp_path):
+    import torch
 
-    model = load_agcnn(params.paths.models, params.model)
-    digest = model_digest(params.paths.models)
-    path = params.paths.models / "thresholds.json"  # usually computed by an earlier test already
-    first = th.load_or_compute_thresholds(params, model, "cpu", digest, path)
-    assert first["valid_images"] > 0 and len(first["classes"]) == 14
-    monkeypatch.setattr(th, "validation_predictions", lambda *a: pytest.fail("recomputed"))
-    assert th.load_or_compute_thresholds(params, model, "cpu", digest, path) == first
-    assert list(json.loads(path.read_text())) == [digest]
+    from cxr.core.labels import PATHOLOGIES
+    from tasks.bundle.registry import load_bundle
+    from tasks.bundle.thresholds import operating_thresholds, rule_key
+    from tasks.scoring.scorer import Scorer
+    from tasks.training.registration import refit_thresholds, validation_predictions
+
+    # A private copy: refitting rewrites the bundle's manifest.
+    models = tmp_path / "models"
+    shutil.copytree(params.paths.models, models)
+    own = params.model_copy(update={"paths": params.paths.model_copy(
+        update={"models": models, "roots": (*params.paths.roots, tmp_path)})})
+    bundle = load_bundle(models)
+    s = own.score
+    youden = rule_key(s)
+    assert youden == "youden" and list(bundle.manifest["thresholds"]) == [youden]  # fitted when registered
+    entry = bundle.manifest["thresholds"][youden]
+    y, p, version = validation_predictions(own, bundle.agcnn(), torch.device("cpu"))
+    assert entry["rule"] == youden and entry["data_version"] == version and entry["valid_images"] == len(y) > 0
+    assert list(entry["classes"]) == list(PATHOLOGIES)
+    assert [entry["classes"][c] for c in PATHOLOGIES] == operating_thresholds(
+        y, p, "youden", s.target_sensitivity, s.fallback_threshold)
+    scorer = Scorer.load(own)
+    assert scorer.threshold_entry == entry
+    assert scorer.thresholds.tolist() == np.float32([entry["classes"][c]["threshold"] for c in PATHOLOGIES]).tolist()
+
+    # Another rule: `cxr models thresholds DIGEST` adds its key and keeps the first one.
+    sens = _with_score(own, threshold_rule="sensitivity")
+    with pytest.raises(DataError, match="no thresholds for the rule sensitivity@0.90"):
+        Scorer.load(sens)  # not fitted yet: refused, never a silent fallback
+    result = run_cxr("--params", str(_write_params(sens, tmp_path / "sens.yaml")), "models", "thresholds",
+                     bundle.digest[:12])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == {"digest": bundle.digest, "thresholds": ["sensitivity@0.90", "youden"]}
+    after = load_bundle(models).manifest
+    assert after["thresholds"]["youden"] == entry
+    fitted = after["thresholds"]["sensitivity@0.90"]
+    assert fitted["rule"] == "sensitivity@0.90" and fitted["data_version"] == version
+    assert [fitted["classes"][c] for c in PATHOLOGIES] == operating_thresholds(
+        y, p, "sensitivity", 0.9, s.fallback_threshold)
+    assert Scorer.load(sens).threshold_entry == fitted
+    # In-process, a third rule: the earlier two stay as they were.
+    third = refit_thresholds(_with_score(own, threshold_rule="sensitivity", target_sensitivity=0.75), bundle.digest)
+    assert sorted(third.manifest["thresholds"]) == ["sensitivity@0.75", "sensitivity@0.90", "youden"]
+    assert third.manifest["thresholds"]["youden"] == entry and third.manifest["thresholds"]["sensitivity@0.90"] == fitted
+    assert load_bundle(models).manifest == third.manifest  # written, and the bundle still verifies
 
 
 def test_stopped_run_resumes_without_duplicates_or_losses(params, nih_inputs, clean_nih, tmp_path):
@@ -244,8 +280,9 @@ def test_bad_batch_inputs_are_data_errors(params, tmp_path, prefect_server):
     with pytest.raises(DataError, match="no files"):
         _score(params, empty, tmp_path / "out")
     no_models = params.model_copy(update={"paths": params.paths.model_copy(update={"models": tmp_path / "none"})})
-    with pytest.raises(DataError, match="model weights missing"):
+    with pytest.raises(DataError, match="no registered model; train the fusion stage"):
         _score(no_models, STUDIES, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
     result = run_cxr("--params", str(_write_params(params, tmp_path / "p.yaml")), "score", "--input", str(empty),
                      "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "no files to score" in result.stderr and "Traceback" not in result.stderr
@@ -296,13 +333,17 @@ def test_rows_and_json_carry_the_ood_verdict_and_branch_probabilities(params, tm
     assert photo_json["branch_probabilities"] is None and photo_json["ood"]["flag"] is True
 
 
-def test_scorer_api_and_gate_modes(params, tmp_path):
+def test_scorer_api_and_gate_modes(params, tmp_path, monkeypatch):
     import dataclasses
 
     from tasks.bundle.ood_gate import OOD_PREFIX
+    from tasks.bundle.registry import load_bundle
     from tasks.scoring.scorer import Scorer
 
     scorer = Scorer.load(params)
+    assert Scorer.load(params) is scorer  # loaded once per process
+    bundle = load_bundle(params.paths.models)
+    assert scorer.digest == bundle.digest and scorer.entry == bundle.manifest and scorer.geometry == bundle.model
     items = [("nih.png", STUDIES / "00000001_000.png"), ("mono1.dcm", STUDIES / "Fake_MONOHR1.dcm"),
              ("broken.png", _broken(tmp_path / "broken.png"))]
     nih, mono, broken = scorer.score(items, "run-1")
@@ -321,16 +362,17 @@ def test_scorer_api_and_gate_modes(params, tmp_path):
     assert not list(tmp_path.glob("*.json"))  # score() writes nothing
 
     # Force the real gate's verdict by lowering its threshold below every study.
-    scorer.gate = dataclasses.replace(scorer.gate, threshold=-1.0)
-    scorer.ood_mode = "reject"
+    # (monkeypatch: the cached Scorer is this process's, and later tests load it again.)
+    monkeypatch.setattr(scorer, "gate", dataclasses.replace(scorer.gate, threshold=-1.0))
+    monkeypatch.setattr(scorer, "ood_mode", "reject")
     refused = scorer.score(items[:1], "run-2")[0]
     assert refused.row["status"] == "rejected" and refused.row["reason"] == scorer.gate.reason(refused.row["ood_score"])
     assert refused.row["reason"].startswith(OOD_PREFIX) and refused.row["ood_flag"] is True
-    scorer.ood_mode = "flag"
+    monkeypatch.setattr(scorer, "ood_mode", "flag")
     flagged = scorer.score(items[:1], "run-3")[0]
     assert flagged.row["status"] == "scored" and flagged.row["ood_flag"] is True
     assert flagged.row["reason"].startswith(OOD_PREFIX)
-    scorer.ood_mode = "off"
+    monkeypatch.setattr(scorer, "ood_mode", "off")
     plain = scorer.score(items[:1], "run-4")[0]
     assert plain.row["status"] == "scored" and plain.row["ood_flag"] is None and plain.row["reason"] is None
     np.testing.assert_allclose(plain.probabilities["fusion"], nih.probabilities["fusion"], atol=1e-6)
@@ -347,7 +389,7 @@ def _broken(path: Path) -> Path:
 
 def test_a_failed_write_leaves_no_half_output_and_the_rerun_completes(params, nih_inputs, clean_nih, tmp_path,
                                                                        monkeypatch):
-    import tasks.scoring.run as score
+    import tasks.scoring.scorer as score
 
     failing = sorted(p.name for p in nih_inputs.iterdir())[9]  # the third batch of 4
     real_save = score.save_png

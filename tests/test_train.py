@@ -195,7 +195,7 @@ def test_param_groups_slow_a_pretrained_body_only():
 
 
 def test_evaluation_compares_branches_on_validation_and_records_them(trained):
-    from tasks.bundle.registry import read_registry
+    from tasks.bundle.registry import load_bundle
     from tests.conftest import registered_copy
 
     params = registered_copy(trained, "models-eval")
@@ -207,7 +207,7 @@ def test_evaluation_compares_branches_on_validation_and_records_them(trained):
     for key in ("mean_auroc", "any_finding_auroc"):
         d = val["fusion_minus_global"][key]
         assert d["ci95"][0] <= d["difference"] <= d["ci95"][1] and d["worse"] == (d["ci95"][1] < 0)
-    entry = read_registry(params.paths.models)["models"][report["model_digest"]]["evaluation"]
+    entry = load_bundle(params.paths.models, report["model_digest"]).manifest["evaluation"]
     assert set(entry["validation"]) == set(entry["test"]) == {"global", "local", "fusion"}
     assert entry["test"]["fusion"]["any_finding_auroc"] == report["branches"]["fusion"]["any_finding"]["auroc"]
     text = (params.paths.reports / "evaluation.md").read_text()

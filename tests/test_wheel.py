@@ -60,6 +60,10 @@ def test_wheel_installed_outside_the_checkout_is_the_program(trained, tmp_path):
     for package in ("cxr/core", "tasks/images", "tasks/metadata", "tasks/bundle", "tasks/training",
                     "tasks/scoring", "tasks/evaluation", "app/routers"):
         assert f"{package}/__init__.py" in names, package
+    # setuptools builds through the checkout's build/lib, which keeps modules since moved or
+    # deleted: a wheel holding one would import code the checkout no longer has.
+    stale = sorted(n for n in names if not n.split("/")[0].endswith(".dist-info") and not (ROOT / n).is_file())
+    assert not stale, f"the wheel holds files the checkout does not (stale build/? remove it): {stale}"
 
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],

@@ -14,7 +14,7 @@ import torch
 from cxr.core.atomic import atomic_write_json, atomic_write_text
 from cxr.core.config import Params
 from cxr.core.labels import PATHOLOGIES
-from tasks.images.geometry import center_offset, to_input
+from tasks.images.geometry import center_offset, network_pixels_from_image, to_input
 from tasks.training.dataset import load_split
 from tasks.metadata.ingest import read_metadata
 from tasks.training.metrics import auroc_per_class, bootstrap_auroc, roc_points
@@ -25,7 +25,8 @@ from cxr.core.labels import BRANCHES
 from tasks.bundle.bundle import update_manifest
 from tasks.bundle.weights import load_agcnn, model_digest
 from tasks.evaluation.ood_corpus import FAR, NEAR, SHARED_STUDIES, make_ood_corpus
-from tasks.scoring.scorer import Scorer
+from tasks.images.loader import load_image
+from tasks.scoring.scorer import Scorer, batch_outputs
 from tasks.training.registration import bundle_of_working_weights
 
 # Mean AUROC over the 14 classes on the official ChestX-ray14 splits, as published. Other
@@ -342,10 +343,15 @@ REAL_SAMPLE_IMAGES = 200
 
 def _screen_files(scorer: Scorer, paths: list[Path]) -> list[dict]:
     """Each file through the Scorer (the one loader, precheck, gate and verdict), as
-    `cxr score` sees it: who refused it and why, and its gate distance."""
+    `cxr score` sees it: who refused it and why, and its gate distance.
+
+    `refused_by` and `reason` are the verdict's. `ood_score` and `over_threshold` are the
+    gate's view of every decoded file, also of one the precheck refused (scoring never runs the
+    model on those): how the gate alone would judge it."""
     rows = []
     for start in range(0, len(paths), scorer.params.score.batch_size):
         chunk = paths[start : start + scorer.params.score.batch_size]
+        prechecked = []
         for path, study in zip(chunk, scorer.score([(p.name, p) for p in chunk], "evaluation")):
             verdict = study.verdict
             refused_by = None if study.row["status"] == "scored" else (verdict.refused_by if verdict else None) or "loader"
@@ -353,7 +359,19 @@ def _screen_files(scorer: Scorer, paths: list[Path]) -> list[dict]:
             rows.append({"file": path.name, "refused_by": refused_by,
                          "reason": study.row["reason"] if refused_by else None, "ood_score": score,
                          "over_threshold": bool(verdict and verdict.over_threshold)})
+            if refused_by == "precheck":
+                prechecked.append((rows[-1], path))
+        if prechecked and scorer.gate is not None:
+            for row, distance in zip((r for r, _ in prechecked), _gate_distances(scorer, [p for _, p in prechecked])):
+                row.update(ood_score=round(float(distance), 3), over_threshold=bool(distance > scorer.gate.threshold))
     return rows
+
+
+def _gate_distances(scorer: Scorer, paths: list[Path]) -> np.ndarray:
+    """The gate's distances of decodable files, as the Scorer would feed them to the model."""
+    pixels = np.stack([network_pixels_from_image(load_image(p, scorer.limits), scorer.geometry) for p in paths])
+    pooled = batch_outputs(scorer.model, torch.from_numpy(pixels), scorer.device)["pooled"]
+    return scorer.gate.score(pooled)
 
 
 def ood_detector(params: Params, digest: str, test_ids: list[str]) -> dict:

@@ -3,7 +3,7 @@
 Every radiograph enters the workflow through `load_image` (float32 in [0, 1]) or
 `load_image_uint8`. Formats are told apart by their magic bytes, never by the file
 extension: PNG and JPEG are read with Pillow, DICOM with pydicom. Anything that cannot be
-used as a radiograph raises `cxr.errors.DataError` with `where` naming the file and a
+used as a radiograph raises `cxr.core.errors.DataError` with `where` naming the file and a
 one-paragraph reason; sizes are checked from the header before any pixel data is decoded,
 so a decompression bomb costs a few bytes of reading, not gigabytes of memory.
 
@@ -106,7 +106,7 @@ def load_image(path: str | os.PathLike, limits: LoaderLimits = _DEFAULT_LIMITS, 
     """Load a radiograph as grayscale float32 of shape (H, W) with values in [0, 1].
 
     With `facts` (a dict), also fill in model-free facts seen while decoding, for
-    `tasks.ood.precheck`: "format" (png/jpeg/dicom), "channels" (1 gray, 3 colour),
+    `tasks.scoring.precheck.precheck`: "format" (png/jpeg/dicom), "channels" (1 gray, 3 colour),
     "colourfulness" (Hasler-Suesstrunk on 0..255, 0.0 for grayscale), "modality" and
     "body_part" (DICOM tags, None when absent or not DICOM).
     """

@@ -22,8 +22,10 @@ from tasks.scoring.precheck import (  # noqa: F401
     STAT_NAMES,
     image_statistics,
     canonical_polarity,
-    precheck,
 )
+# Not the function `precheck`: re-exported here it would replace the submodule as the
+# package's attribute, and `from tasks.scoring import precheck` (or `import
+# tasks.scoring.precheck as m`) would give the function. Import it from its module.
 from tasks.scoring.verdict import (  # noqa: F401
     OOD_MODES,
     OODVerdict,

@@ -121,7 +121,7 @@ class TrainBatches(torch.utils.data.Dataset):
 
     inputs: (pixels (B, S, S) uint8,) from a `SplitData` (per-image crop offsets and flips
     applied), or (crops (B, L, L) uint8, pooled (B, C) float32) from the crop cache (a
-    `tasks.crop_cache.CropSplit`, the flipped view where flipped); plus the (B, 4) augmentation
+    `tasks.training.crop_cache.CropSplit`, the flipped view where flipped); plus the (B, 4) augmentation
     draws when given. Used with DataLoader(batch_size=None) so workers prefetch whole batches.
     """
 

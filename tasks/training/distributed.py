@@ -1,6 +1,6 @@
 """Data-parallel training with PyTorch's DistributedDataParallel.
 
-Two ways in, one code path (`tasks.train.train_stage` reads the process group):
+Two ways in, one code path (`tasks.training.stages.train_stage` reads the process group):
   * `cxr train --stage S --nproc N` spawns N local processes (gloo on the CPU, NCCL on GPUs);
   * `torchrun --nproc_per_node N -m tasks.training.distributed --stage S [--params FILE]` for clusters.
 Only rank 0 writes checkpoints, weights and metrics; resume works as in one process.

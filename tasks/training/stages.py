@@ -36,7 +36,7 @@ from models.branch import build_branch
 from models.fusion import FusionHead
 from models.agcnn import attention_crops
 from models.loss import WeightedBCE
-from models.device import pick_device  # noqa: F401  (re-exported: tasks.train.pick_device)
+from models.device import pick_device  # noqa: F401  (re-exported: tasks.training.stages.pick_device)
 from tasks.training.dataset import TrainBatches, load_split
 from tasks.images.geometry import augment_draws, random_crop_offsets, to_input
 from tasks.metadata.ingest import read_metadata
