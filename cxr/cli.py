@@ -280,7 +280,7 @@ def _check_input(args: argparse.Namespace, params) -> None:
             raise
         _say(args, exc)
         _quiet_prefect_tracebacks()
-        _terminal_logging(False, None)
+        _terminal_logging(args.verbose, args.log_level)
         try:
             _input_flow(args, params, check_only=False)  # fails the same way, now as a run in the UI
         except DataError:
