@@ -279,6 +279,8 @@ def _check_input(args: argparse.Namespace, params) -> None:
         if not os.environ.get("PREFECT_API_URL"):
             raise
         _say(args, exc)
+        from flows import data  # noqa: F401  (Prefect sets up its logging on import: before ours)
+
         _quiet_prefect_tracebacks()
         _terminal_logging(args.verbose, args.log_level)
         try:
