@@ -129,7 +129,12 @@ def test_several_files_at_once_and_a_corrupt_one_with_its_reason(browser, site, 
     from selenium.webdriver.common.by import By
 
     broken = corrupt(tmp_path / "broken.png")
+    from selenium.webdriver.support.ui import WebDriverWait
+
     _upload(browser, site, NIH_PNG, broken)
+    # The form is submitted by script: wait for the results page, not for the click.
+    WebDriverWait(browser, 120).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results tr.scored, #results tr.rejected")) == 2)
     rows = browser.find_elements(By.CSS_SELECTOR, "#results tr.scored, #results tr.rejected")
     assert len(rows) == 2
     status = {r.find_elements(By.TAG_NAME, "td")[0].text: r for r in rows}
@@ -139,6 +144,7 @@ def test_several_files_at_once_and_a_corrupt_one_with_its_reason(browser, site, 
     browser.save_screenshot(str(OUTPUT / "app-upload-corrupt.png"))
     # A corrupt file alone: the results page says why.
     _upload(browser, site, broken)
+    WebDriverWait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results tr.rejected td.reason"))
     assert browser.find_element(By.CSS_SELECTOR, "#results tr.rejected td.reason").text == reason
 
 
