@@ -4,7 +4,7 @@ plan (manifest, registry and manifest gates, hashes) -> the shards (one batch, o
 each) -> finish (fold the parts behind the scores gate) -> report. In-process, the shards run
 as one pipelined task (decode, forward and write overlap); with `dask:` enabled, `score`
 maps one task per shard over Dask worker processes, each loading the weights once, with the
-same scores as the in-process run. Both go through `tasks.score.Scorer`.
+same scores as the in-process run. Both go through `tasks.scoring.scorer.Scorer`.
 """
 
 from __future__ import annotations

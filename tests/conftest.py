@@ -112,6 +112,40 @@ def workspace(tmp_path_factory, sample_csv) -> Path:
     return root
 
 
+SLICE = {"train": 96, "valid": 32, "test": 32}
+
+
+@pytest.fixture(scope="session")
+def sliced(workspace, tmp_path_factory) -> Path:
+    """A `processed` folder with a 160-image slice of the workspace's split (96 train, 32
+    valid, 32 test) and its class weights: for tests of training mechanics (resume, data
+    parallelism, random crops) whose assertions do not depend on how many images an epoch has.
+
+    Use it as `paths.processed` beside the workspace's interim metadata and images.
+    """
+    import shutil
+
+    import pandas as pd
+
+    from tasks.metadata.split import read_splits
+
+    root = tmp_path_factory.mktemp("sliced") / "processed"
+    root.mkdir()
+    splits = read_splits(workspace / "processed" / "splits.parquet")
+    sub = pd.concat([g.head(SLICE[name]) for name, g in splits.groupby("split")])
+    sub.to_parquet(root / "splits.parquet", index=False)
+    shutil.copy(workspace / "processed" / "class_weights.json", root)
+    return root
+
+
+def sliced_params(workspace: Path, sliced: Path, root: Path, **global_stage) -> "Params":
+    """make_params on the workspace, reading the `sliced` split and writing models, metrics and
+    checkpoints under `root` (its own models/ and metrics/)."""
+    params = make_params(workspace, **global_stage)
+    return params.model_copy(update={"paths": params.paths.model_copy(update={
+        "processed": sliced, "models": root / "models", "metrics": root / "metrics"})})
+
+
 @pytest.fixture(scope="session")
 def trained(workspace) -> "Params":
     """All three stages trained for one epoch on the sample (about 30-40 s on 2 cores).

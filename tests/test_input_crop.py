@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -110,16 +109,10 @@ def test_pixel_dataset_crops_at_the_drawn_offsets_then_flips():
 
 
 @pytest.fixture(scope="module")
-def tiny(workspace, tmp_path_factory) -> Params:
-    """Stage-I params cropping 48 px from the 64-px sample, 2 epochs on a 160-image slice of its split."""
-    root = tmp_path_factory.mktemp("crop-ws")
-    splits = read_splits(workspace / "processed" / "splits.parquet")
-    sub = pd.concat([g.head({"train": 96}.get(name, 32)) for name, g in splits.groupby("split")])
-    (root / "processed").mkdir()
-    sub.to_parquet(root / "processed" / "splits.parquet", index=False)
-    shutil.copy(workspace / "processed" / "class_weights.json", root / "processed")
+def tiny(workspace, sliced) -> Params:
+    """Stage-I params cropping 48 px from the 64-px sample, 2 epochs on the 160-image slice of its split."""
     params = with_model(make_params(workspace, epochs=2, batch_size=32), **CROPPED)
-    return params.model_copy(update={"paths": params.paths.model_copy(update={"processed": root / "processed"})})
+    return params.model_copy(update={"paths": params.paths.model_copy(update={"processed": sliced})})
 
 
 def _at(params: Params, root, **train) -> Params:

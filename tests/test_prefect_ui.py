@@ -56,9 +56,12 @@ def scoring_run(trained, tmp_path_factory, prefect_server, sample_csv):
     register(load_params(params_file))
     pipeline = run_cxr("--params", str(params_file), "pipeline", "--metadata", str(sample_csv))
     assert pipeline.returncode == 0, pipeline.stderr[-3000:]
-    scored = run_cxr("--params", str(params_file), "score", "--input", str(STUDIES), "--out", str(root / "scores"))
-    assert scored.returncode == 0, scored.stderr[-3000:]
-    return {"root": root, "params_file": params_file, "summary": json.loads(scored.stdout), "pipeline": json.loads(pipeline.stdout)}
+    # The scoring run in this process (what `cxr score` runs; the console command itself is
+    # test_score's): the same flow, tasks and artifacts on the server, without a second start-up.
+    from flows.score import score
+
+    summary = score(load_params(params_file), STUDIES, root / "scores")
+    return {"root": root, "params_file": params_file, "summary": summary, "pipeline": json.loads(pipeline.stdout)}
 
 
 def test_cxr_pipeline_runs_the_whole_dag_on_the_nih_sample(scoring_run, trained):
@@ -132,7 +135,9 @@ def test_nightly_deployment_is_served_on_its_schedule_and_runs(scoring_run, pref
     shutil.copy(STUDIES / "00000001_000.png", incoming / "a.png")
     params_file = _params_file(__import__("cxr.core.config", fromlist=["load_params"]).load_params(scoring_run["params_file"]),
                                root / "nightly.yaml", incoming=incoming)
-    env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", PREFECT_API_URL=prefect_server)
+    # The runner polls for due runs each second instead of each 10 s (Prefect's default).
+    env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", PREFECT_API_URL=prefect_server,
+               PREFECT_RUNNER_POLL_FREQUENCY="1")
     server = subprocess.Popen([str(VENV_BIN / "cxr"), "--params", str(params_file), "serve"], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -149,12 +154,12 @@ def test_nightly_deployment_is_served_on_its_schedule_and_runs(scoring_run, pref
         assert schedule.cron == "0 2 * * *" and schedule.timezone
         from prefect.deployments import run_deployment
 
-        flow_run = run_deployment("nightly-scoring/nightly-scoring", parameters={"day": "2026-01-02"}, timeout=300)
+        flow_run = run_deployment("nightly-scoring/nightly-scoring", parameters={"day": "2026-01-02"}, timeout=300, poll_interval=1)
         assert flow_run.state.is_completed(), flow_run.state
         report = Path(yaml.safe_load(params_file.read_text())["paths"]["reports"]) / "nightly" / "2026-01-02"
         assert (report / "report.html").exists() and json.loads((report / "summary.json").read_text())["scored"] == 1
         # The next night finds nothing new.
-        again = run_deployment("nightly-scoring/nightly-scoring", parameters={"day": "2026-01-03"}, timeout=300)
+        again = run_deployment("nightly-scoring/nightly-scoring", parameters={"day": "2026-01-03"}, timeout=300, poll_interval=1)
         assert again.state.is_completed()
         second = json.loads((report.parent / "2026-01-03" / "summary.json").read_text())
         assert second["scored"] == 0 and second["already_scored"] == 1

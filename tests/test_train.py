@@ -13,7 +13,7 @@ from tasks.evaluation.evaluate import evaluate
 from tasks.training.stages import train_stage
 from cxr.core.digest import file_sha256
 from tasks.bundle.weights import load_agcnn, load_weights
-from tests.conftest import make_params
+from tests.conftest import sliced_params
 
 
 def test_three_stages_then_evaluate(trained):
@@ -98,22 +98,24 @@ def test_nih_boxes_scale_from_1024_px_and_apply_only_to_real_images(tmp_path):
     assert true_box_scales(synth, ["a.png"], tmp_path, 64, nih=False, real=False) == {"a.png": 0.5}
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(workspace, tmp_path):
+def test_resume_after_interruption_equals_uninterrupted_run(workspace, sliced, tmp_path):
     # With augmentation on: its draws come from the epoch generator, so resume stays bitwise.
+    # On the 160-image slice of the split: resuming does not depend on the epoch's size.
     from cxr.core.config import AugmentParams
 
-    base = make_params(workspace, epochs=2)
-    base = base.model_copy(update={"train": base.train.model_copy(update={
-        "augment": AugmentParams(rotation=7, scale=0.1, brightness=0.1, contrast=0.1)})})
-    straight = base.model_copy(update={"paths": base.paths.model_copy(update={"models": tmp_path / "a", "metrics": tmp_path / "ma"})})
-    resumed = base.model_copy(update={"paths": base.paths.model_copy(update={"models": tmp_path / "b", "metrics": tmp_path / "mb"})})
+    def at(name):
+        params = sliced_params(workspace, sliced, tmp_path / name, epochs=2)
+        return params.model_copy(update={"train": params.train.model_copy(update={
+            "augment": AugmentParams(rotation=7, scale=0.1, brightness=0.1, contrast=0.1)})})
+
+    straight, resumed = at("a"), at("b")
     train_stage(straight, "global", progress=False)
     stopped = train_stage(resumed, "global", progress=False, stop_after_epoch=0)
     assert stopped == {"stage": "global", "stopped_after_epoch": 0}
-    assert not (tmp_path / "b" / "global.safetensors").exists()
+    assert not (tmp_path / "b" / "models" / "global.safetensors").exists()
     summary = train_stage(resumed, "global", progress=False)
     assert [h["epoch"] for h in summary["history"]] == [0, 1]
-    assert file_sha256(tmp_path / "a" / "global.safetensors") == file_sha256(tmp_path / "b" / "global.safetensors")
+    assert file_sha256(tmp_path / "a" / "models" / "global.safetensors") == file_sha256(tmp_path / "b" / "models" / "global.safetensors")
 
 
 class _Payload:
@@ -121,10 +123,9 @@ class _Payload:
         return (open, ("/tmp/cxr-pwned", "w"))
 
 
-def test_foreign_pickle_checkpoint_is_never_unpickled(workspace, tmp_path):
-    params = make_params(workspace)
-    params = params.model_copy(update={"paths": params.paths.model_copy(update={"models": tmp_path / "m", "metrics": tmp_path / "mm"})})
-    ckpt = tmp_path / "m" / "checkpoints" / "global.pt"
+def test_foreign_pickle_checkpoint_is_never_unpickled(workspace, sliced, tmp_path):
+    params = sliced_params(workspace, sliced, tmp_path)
+    ckpt = tmp_path / "models" / "checkpoints" / "global.pt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(pickle.dumps({"model": _Payload()}))
     import os
