@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test ui app bench clean corpus
+.PHONY: setup demo test ui app bench clean corpus pacs
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,7 @@ demo: setup
 
 test: setup
 	scripts/install-chromium.sh
+	scripts/install-orthanc.sh
 	$(BIN)/python -m pytest -q
 
 ui: setup
@@ -33,6 +34,12 @@ ui: setup
 # The web app on http://127.0.0.1:8000 (the demo's registered model; CXR_APP_TOKEN to bind elsewhere).
 app: setup
 	$(BIN)/cxr app --host $${CXR_APP_HOST:-127.0.0.1} --port $${CXR_APP_PORT:-8000}
+
+# A real PACS to try `cxr score --dicomweb` on: Orthanc on loopback, authentication on, storage in
+# .orthanc/ (scripts/pacs.sh stop|status). The password is in .orthanc/password, never printed.
+pacs: setup
+	@scripts/pacs.sh start
+	@echo "then: cxr score --dicomweb <the URL above> --out data/reports/pacs; scripts/pacs.sh stop when done"
 
 # Every benchmark writes benchmarks/results/<name>.json; run on an otherwise idle machine.
 bench: setup

@@ -66,6 +66,11 @@ def create_app(params: Params, *, token: str | None = None, models_dir: Path | N
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "::1", "[::1]"],
                            www_redirect=False)
 
+    from app.metrics import instrument
+
+    # /metrics (Prometheus): requests and latency by route, batch sizes, refusals, the model digest.
+    instrument(app, service)
+
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
         response = await call_next(request)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from cxr.core.labels import LABEL_COLUMNS
-from tasks.scoring.studies import row_keys as _row_keys
-from tasks.scoring.rows import read_scores
+from tasks.scoring import run_index
 
 # A nightly dated folder: the night's report and summary beside the store's scores.
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -78,28 +78,70 @@ def _stores(root: Path):
             stack.extend((c, depth + 1) for c in reversed(children))
 
 
-SORTABLE = ("max_flagged_probability", "top_probability", "study_id", "status", "scored_at", "ood_score")
+SORTABLE = run_index.SORTABLE
+PAGE_SIZE = 100  # rows on one run page
+
+
+def _run_summary(run: Run) -> dict:
+    if run.summary is None:
+        return {}
+    try:
+        return json.loads(run.summary.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+_ORDERED: dict[tuple, tuple[pa.Table, pa.Table]] = {}  # recent sorts: (index rows they sorted, sorted rows)
+
+
+def run_index_rows(run: Run) -> pa.Table:
+    """The run's index rows (one per study key; a dated folder's: its summary's studies or run id)."""
+    index = run_index.load_index(run.folder)
+    if run.summary is None:
+        return index
+    summary = _run_summary(run)
+    if summary.get("studies"):
+        return run_index.select(index, keys=summary["studies"])
+    return run_index.select(index, run_id=summary.get("run_id"))
+
+
+def run_counts(run: Run) -> dict:
+    """studies, scored, rejected, flagged, out_of_distribution, last_scored_at (ISO text or None)."""
+    found = run_index.counts(run_index_rows(run))
+    return {**found, "last_scored_at": clean({"t": found["last_scored_at"]})["t"]}
+
+
+def run_page(run: Run, sort: str = "max_flagged_probability", descending: bool = True, offset: int = 0,
+             limit: int = PAGE_SIZE, *, whole: bool = True) -> tuple[int, pd.DataFrame]:
+    """(the run's number of studies, the rows of studies offset .. offset + limit - 1 in that order):
+    sorted on the index, only the page's rows read from the Parquet files; `whole` False: only
+    the listed columns (run_index.LISTED), straight from the index."""
+    try:
+        return _run_page(run, sort, descending, offset, limit, whole)
+    except FileNotFoundError:  # the store's parts were folded while the page was read: once more
+        run_index.forget(run.folder)
+        return _run_page(run, sort, descending, offset, limit, whole)
+
+
+def _run_page(run: Run, sort: str, descending: bool, offset: int, limit: int, whole: bool) -> tuple[int, pd.DataFrame]:
+    rows = run_index_rows(run)
+    key = (str(run.folder), run.run_id, sort, descending)
+    hit = _ORDERED.get(key)
+    if hit is not None and hit[0] is rows:  # same index rows as last time: the sort is still good
+        ordered = hit[1]
+    else:
+        ordered = run_index.order(rows, sort, descending)
+        if len(_ORDERED) >= 32:
+            _ORDERED.pop(next(iter(_ORDERED)))
+        _ORDERED[key] = (rows, ordered)
+    page = ordered.slice(offset, limit)
+    return ordered.num_rows, (run_index.page_rows(run.folder, page) if whole else run_index.listed_rows(page))
 
 
 def run_rows(run: Run, sort: str = "max_flagged_probability", descending: bool = True) -> pd.DataFrame:
-    """The run's rows (one per study key), sorted; `top_probability` is each study's highest probability."""
-    df = read_scores(run.folder)
-    df = df.loc[~_row_keys(df).duplicated()]
-    if run.summary is not None:
-        try:
-            summary = json.loads(run.summary.read_text())
-        except (OSError, json.JSONDecodeError):
-            summary = {}
-        if summary.get("studies"):
-            df = df.loc[_row_keys(df).isin(set(summary["studies"]))]
-        else:
-            df = df.loc[df["run_id"] == summary.get("run_id")]
-    df = df.copy()
-    df["top_probability"] = df[list(LABEL_COLUMNS)].max(axis=1)
-    sort = sort if sort in SORTABLE else "max_flagged_probability"
-    keys = [sort] + [k for k in ("max_flagged_probability", "top_probability", "study_id") if k != sort]
-    order = [not descending] + [k == "study_id" for k in keys[1:]]
-    return df.sort_values(keys, ascending=order, na_position="last").reset_index(drop=True)
+    """Every row of the run (one per study key), sorted; `top_probability` is each study's highest probability."""
+    total, rows = run_page(run, sort, descending, 0, 2**62)
+    return rows
 
 
 def study_name(row) -> str:
@@ -109,9 +151,11 @@ def study_name(row) -> str:
 
 def find_study(run: Run, name: str) -> dict | None:
     """The row of the study named `name` in `run` (None when the run holds no such study)."""
-    df = run_rows(run)
-    hit = df.loc[df["json"] == f"studies/{name}.json"]
-    return None if hit.empty else clean(hit.iloc[0].to_dict())
+    index = run_index_rows(run)
+    hit = index.filter(pc.equal(index.column("json"), f"studies/{name}.json"))
+    if not hit.num_rows:
+        return None
+    return clean(run_index.page_rows(run.folder, hit.slice(0, 1)).iloc[0].to_dict())
 
 
 def clean(row: dict) -> dict:

@@ -41,13 +41,17 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class _OnlyFrom(logging.Filter):
-    """Keep Prefect's own records (run lines, engine messages) off a handler below `level`."""
+    """Keep Prefect's own records (run lines, engine messages) off a handler below `level`, and
+    the project's progress lines below WARNING (epochs, chunks, batches: they go to the Prefect
+    run logs) unless `level` asks for them."""
 
     def __init__(self, level: int):
         super().__init__()
         self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "cxr" or record.name.startswith("cxr."):
+            return record.levelno >= min(self.level, logging.WARNING)
         return not record.name.startswith("prefect") or record.levelno >= self.level
 
 
@@ -133,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("backbones", help="list the backbones as JSON: feature size, parameters, whether ImageNet weights are on this machine (offline)")
     sub.add_parser("serve", help="serve the nightly-scoring Prefect deployment (cron from params; runs until stopped)")
+    sub.add_parser("alerts", help="make or update the Prefect automation that POSTs to params nightly.alert_webhook "
+                   "when a nightly-scoring run fails or crashes")
 
     p = sub.add_parser("app", help="the local web app: upload page, study pages, runs browser and JSON API (loopback by default)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs CXR_APP_TOKEN)")
@@ -209,7 +215,10 @@ def _run(args: argparse.Namespace) -> dict | list:
         report = train.evaluate_flow(params)
         return {"model_digest": report["model_digest"], "test_images": report["test_images"],
                 **{f"{b}_mean_auroc": v["mean_auroc"] for b, v in report["branches"].items()},
-                "localization": report["localization"]}
+                "localization": report["localization"],
+                "fusion_ece": {k: v["pooled"] for k, v in report["calibration"]["ece"].items()},
+                "ood_marked": (report.get("ood") or {}).get("honest_mark"),
+                "figures": str(Path(paths.reports) / "figures"), "model_card": str(Path(paths.reports) / "model_card.md")}
     if args.command == "score" and args.dicomweb:
         import datetime as _dt
 
@@ -224,13 +233,18 @@ def _run(args: argparse.Namespace) -> dict | list:
         credentials_to_env(args.dicomweb)
         return pacs_scoring_flow(params, scrub_url(args.dicomweb), args.out or paths.reports / "scoring", since)
     if args.command == "score":
-        from flows.score import score
+        from flows.score import score, terminal_progress
 
-        return score(params, args.input, args.out or paths.reports / "scoring")
+        with terminal_progress("score"):  # a tqdm bar on a terminal's stderr; none when piped
+            return score(params, args.input, args.out or paths.reports / "scoring")
     if args.command == "cache":
         from flows.cache import cache_crops, cache_images
 
         return (cache_images if args.what == "images" else cache_crops)(params)
+    if args.command == "alerts":
+        from flows.alerts import ensure_nightly_alert
+
+        return ensure_nightly_alert(params.nightly.alert_webhook).summary()
     if args.command == "serve":
         from flows.nightly import serve
 

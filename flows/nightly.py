@@ -44,28 +44,33 @@ def nightly_scoring_flow(params_file: str = "params.yaml", day: str | None = Non
     return {**summary, "dated_report": str(dated / "report.html")}
 
 
-def local_timezone() -> str:
-    try:
-        from tzlocal import get_localzone_name
-
-        return get_localzone_name() or "UTC"
-    except Exception:  # no zoneinfo on a minimal machine: UTC is the honest fallback
-        return "UTC"
-
-
-def serve(params_file: str) -> None:
-    """Serve the deployment on this process until interrupted (runs happen here, no worker)."""
-    from prefect import serve as prefect_serve
+def nightly_deployment(params_file: str):
+    """The deployment `cxr serve` serves: params nightly.cron read in nightly.timezone (the
+    rule prefect.yaml follows too), the params file resolved for the runs."""
     from prefect.schedules import Cron
 
     params = load_params(params_file)
-    timezone = params.nightly.timezone or local_timezone()
-    deployment = nightly_scoring_flow.to_deployment(
+    return nightly_scoring_flow.to_deployment(
         name=DEPLOYMENT,
-        schedule=Cron(params.nightly.cron, timezone=timezone),
+        schedule=Cron(params.nightly.cron, timezone=params.nightly.timezone),
         parameters={"params_file": str(Path(params_file).resolve())},
         description="Score new studies in paths.incoming into a dated report folder.",
         tags=["cxr", "scoring"],
     )
-    print(f"serving {nightly_scoring_flow.name}/{DEPLOYMENT}: cron '{params.nightly.cron}' ({timezone})", flush=True)
+
+
+def serve(params_file: str) -> None:
+    """Serve the deployment on this process until interrupted (runs happen here, no worker);
+    with params nightly.alert_webhook set, first make or update the failure alert."""
+    from prefect import serve as prefect_serve
+
+    params = load_params(params_file)
+    deployment = nightly_deployment(params_file)
+    if params.nightly.alert_webhook:
+        from flows.alerts import ensure_nightly_alert
+
+        setup = ensure_nightly_alert(params.nightly.alert_webhook)
+        print(f"alert: automation {setup.summary()['automation']} {setup.summary()['action']}", flush=True)
+    print(f"serving {nightly_scoring_flow.name}/{DEPLOYMENT}: cron '{params.nightly.cron}' ({params.nightly.timezone})",
+          flush=True)
     prefect_serve(deployment)

@@ -9,7 +9,10 @@ same scores as the in-process run. Both go through `tasks.scoring.scorer.Scorer`
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -26,7 +29,7 @@ TABLE_ROWS = 200
 
 
 def _publish(summary: dict, report: Path) -> None:
-    rows = run_rows(Path(summary["out_dir"]), summary)
+    rows = run_rows(Path(summary["out_dir"]), summary, limit=TABLE_ROWS)
     table = [{k: (None if v != v else v) for k, v in r.items()}  # NaN -> None: artifacts are JSON
              for r in rows[["study_id", "status", "flagged", "max_flagged_probability", "top_findings", "ood_score",
                          "ood_flag", "reason"]]
@@ -43,6 +46,22 @@ def _publish(summary: dict, report: Path) -> None:
         f"- report: [{report}]({Path(report).resolve().as_uri()})", "", f"_{NOT_A_DEVICE}_"]))
 
 
+def _mapped_shards(plan) -> list[dict]:
+    """One task per shard on the Dask workers; progress as each shard finishes, results in order."""
+    from prefect.futures import as_completed
+
+    from cxr.core.progress import report
+
+    futures = score_shard_task.map(unmapped(plan.context), range(len(plan.shards)), plan.shards)
+    total, done = sum(len(s) for s in plan.shards), 0
+    for future in as_completed(futures):
+        if future.state.is_completed():
+            result = future.result()
+            done += result["scored"] + result["rejected"]
+            report("score", done, total, unit="studies")
+    return futures.result()
+
+
 # In-process, one shard at a time: each batch's forward pass already uses every core.
 @flow(name="score", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def score_flow(params: Params, input_dir: Path, out_dir: Path, models_dir: Path | None = None) -> dict:
@@ -52,7 +71,7 @@ def score_flow(params: Params, input_dir: Path, out_dir: Path, models_dir: Path 
     plan = plan_scoring_task(params, Path(input_dir), Path(out_dir), models_dir=models_dir)
     results = []
     if plan.shards and params.dask.enabled:
-        results = score_shard_task.map(unmapped(plan.context), range(len(plan.shards)), plan.shards).result()
+        results = _mapped_shards(plan)
     elif plan.shards:
         # In this process: one pipelined task, so the forward pass never waits on decoding or writing.
         results = run_shards_task(plan)
@@ -62,6 +81,49 @@ def score_flow(params: Params, input_dir: Path, out_dir: Path, models_dir: Path 
     print(summary["message"])
     result = {k: v for k, v in summary.items() if k != "studies"}
     return {**result, "report": str(report), "flow_run_id": str(flow_run.id)}
+
+
+class TerminalBar:
+    """A `cxr.core.progress` listener drawing a tqdm bar on `stream` for the work `key`."""
+
+    def __init__(self, key: str, stream=None):
+        self.key, self.stream, self.bar = key, stream or sys.stderr, None
+
+    def __call__(self, progress) -> None:
+        if progress.key != self.key:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=progress.total, unit=f" {progress.unit}", desc=progress.key, file=self.stream,
+                            dynamic_ncols=True, leave=True)
+        # tqdm's own rate and time left; the report's note (the same rate) is for the Prefect UI.
+        self.bar.update(progress.done - self.bar.n)
+        if progress.done >= progress.total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@contextmanager
+def terminal_progress(key: str = "score", stream=None) -> Iterator[TerminalBar | None]:
+    """A progress bar of `key` on a terminal (stderr by default); nothing when it is not a TTY
+    (a pipe, a log file, CI), so captured output stays free of carriage returns."""
+    from cxr.core.progress import listening
+
+    stream = stream or sys.stderr
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        yield None
+        return
+    bar = TerminalBar(key, stream)
+    with listening(bar):
+        try:
+            yield bar
+        finally:
+            bar.close()
 
 
 def score(params: Params, input_dir: Path, out_dir: Path, models_dir: Path | None = None) -> dict:

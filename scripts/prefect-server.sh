@@ -7,10 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PREFECT_HOME="${PREFECT_HOME:-$PWD/.prefect}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
+# Automations (the nightly failure alert, flows/alerts.py) need the server's event services:
+# on by default in Prefect 3, said here so that a profile turning them off does not silence it.
+export PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED=true PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED=true
 PORT="${CXR_PREFECT_PORT:-4200}"
 HOST=127.0.0.1
 # The UI's browser code calls this URL; without it the UI assumes port 4200.
 export PREFECT_UI_API_URL="http://$HOST:$PORT/api"
+# Links in automation notices (the nightly alert's "url") point at this UI.
+export PREFECT_UI_URL="http://$HOST:$PORT"
 PREFECT=".venv/bin/prefect"
 mkdir -p "$PREFECT_HOME"
 pidfile="$PREFECT_HOME/server.pid"

@@ -2,16 +2,32 @@
 
 Tests call the plain functions; flows call these. Deterministic failures (bad data) are not
 retried: retrying a corrupt file only repeats the same rejection.
+
+Importing this module also connects the project's own lines to the Prefect UI (in every
+process that runs these tasks, Dask workers included):
+  * every `cxr.*` log record at INFO and above goes to the logs of the flow or task run it
+    was made in (Prefect's API log handler on the `cxr` logger: what
+    PREFECT_LOGGING_EXTRA_LOGGERS=cxr would add, but regardless of whether Prefect was
+    imported before the variable was set); outside a run the handler stays silent;
+  * progress reports (`cxr.core.progress`: training epochs, cache chunks, scoring batches)
+    update one Prefect progress artifact per run and piece of work, e.g. `cxr-train-global`.
+The terminal is the CLI's business (`cxr.cli._terminal_logging` keeps it quiet by default).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
+import time
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging.handlers import APILogHandler
 
 from cxr.core.errors import DataError
+from cxr.core.progress import Progress, add_listener
 from tasks.metadata.ingest import run_ingest
 from tasks.metadata.split import run_split
 from tasks.metadata.synth import synthesize
@@ -33,6 +49,67 @@ def _retry_transient(task, task_run, state) -> bool:
 def _task(name: str):
     # Outputs are files tracked by DVC, so Prefect result caching would only go stale.
     return task(name=name, retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
+
+
+def _run_context():
+    """The innermost Prefect run of this thread (a task run, else a flow run), or None."""
+    return TaskRunContext.get() or FlowRunContext.get()
+
+
+class _InRunOnly(logging.Filter):
+    """Only records made inside a flow or task run go to the API (no warning outside one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "flow_run_id", None) is not None or _run_context() is not None
+
+
+def send_cxr_logs_to_prefect() -> None:
+    """`cxr.*` INFO+ records into the run logs on the Prefect server (idempotent)."""
+    logger = logging.getLogger("cxr")
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):  # e.g. PREFECT_LOGGING_EXTRA_LOGGERS=cxr
+        handler = APILogHandler(level=logging.INFO)
+        handler.addFilter(_InRunOnly())
+        logger.addHandler(handler)
+
+
+class ProgressArtifacts:
+    """A `cxr.core.progress` listener: one Prefect progress artifact per (run, work key).
+
+    The artifact is keyed `cxr-<key>` (so it is listed on the Artifacts page, one version per
+    run) and updated at most every `interval_s` seconds, and always at the end. Outside a run
+    it does nothing.
+    """
+
+    def __init__(self, interval_s: float = 1.0):
+        self.interval_s = interval_s
+        self._ids: dict[tuple, tuple] = {}  # (run id, key) -> (artifact id, last update time)
+        self._lock = threading.Lock()
+
+    def __call__(self, progress: Progress) -> None:
+        ctx = _run_context()
+        if ctx is None:
+            return
+        run = ctx.task_run.id if isinstance(ctx, TaskRunContext) else ctx.flow_run.id
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        with self._lock:
+            now, known = time.monotonic(), self._ids.get((run, progress.key))
+            final = progress.done >= progress.total
+            if known is None:
+                artifact = create_progress_artifact(progress.percent, key=f"cxr-{progress.key}",
+                                                    description=progress.describe())
+            elif final or now - known[1] >= self.interval_s:
+                artifact = update_progress_artifact(known[0], progress.percent, description=progress.describe())
+            else:
+                return
+            self._ids[(run, progress.key)] = (artifact, now)
+
+
+send_cxr_logs_to_prefect()
+progress_artifacts = ProgressArtifacts()
+add_listener(progress_artifacts)
 
 
 synth_task = _task("synth")(synthesize)

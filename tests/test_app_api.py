@@ -288,3 +288,52 @@ def test_without_pixels_no_picture_of_an_upload_is_kept(served):
             assert client.get(f"{body['page']}/{picture}").status_code == 404
     kept = sorted(p.relative_to(store).parts[0] for p in store.rglob("*") if p.is_file())
     assert set(kept) <= {"studies", "parts", "scores.parquet"}, kept
+
+
+def test_a_run_larger_than_a_page_is_paged_and_sorted_on_the_server(served):
+    """A run of more rows than a page: the run page shows one page with next/previous links,
+    the API sorts and pages on the server, the runs list counts from the run index, and a part
+    added later is seen (schema-correct synthetic rows written straight into Parquet parts)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from app.runs import PAGE_SIZE
+    from benchmarks.bench_app import write_synthetic_run
+    from cxr.core.labels import LABEL_COLUMNS
+
+    client = served["client"]
+    folder = served["params"].app.runs[0] / "paging" / "big"
+    n = 2 * PAGE_SIZE + 37
+    write_synthetic_run(folder, n, part_rows=100, run_id="paging")
+    # The oracle: the parts read whole with pandas, sorted as the pages promise.
+    df = pd.concat([pq.read_table(p).to_pandas() for p in sorted((folder / "parts").glob("part-*.parquet"))])
+    df["top"] = df[list(LABEL_COLUMNS)].max(axis=1)
+    best = df.sort_values(["max_flagged_probability", "top", "study_id"], ascending=[False, False, True],
+                          na_position="last")["study_id"].tolist()
+    runs = {r["run_id"]: r for r in _kept(served, client.get("/api/v1/runs")).json()}
+    run_id = next(r for r in runs if r.endswith("paging~big"))
+    scored = df[df["status"] == "scored"]
+    assert {k: runs[run_id][k] for k in ("studies", "scored", "rejected", "flagged")} == {
+        "studies": n, "scored": len(scored), "rejected": n - len(scored), "flagged": int((scored["flagged"] != "").sum())}
+
+    first = _kept(served, client.get(f"/runs/{run_id}")).text
+    assert first.count('<tr class="scored"') + first.count('<tr class="rejected"') == PAGE_SIZE
+    assert 'rel="next"' in first and 'rel="prev"' not in first and f"of {n}" in first
+    assert first.index(best[0]) < first.index(best[1]) and best[PAGE_SIZE] not in first
+    last = _kept(served, client.get(f"/runs/{run_id}?offset={2 * PAGE_SIZE}")).text
+    assert last.count('<tr class="scored"') + last.count('<tr class="rejected"') == n - 2 * PAGE_SIZE
+    assert 'rel="prev"' in last and 'rel="next"' not in last and best[-1] in last
+
+    page = _kept(served, client.get(f"/api/v1/runs/{run_id}/studies?sort=study_id&order=asc&offset=10&limit=7")).json()
+    assert page["total"] == n and [s["study_id"] for s in page["studies"]] == sorted(df["study_id"])[10:17]
+    assert set(LABEL_COLUMNS) <= set(page["studies"][0])  # whole rows, not only the sort keys
+    top = _kept(served, client.get(f"/api/v1/runs/{run_id}/studies?limit=5")).json()["studies"]
+    assert [s["study_id"] for s in top] == best[:5]
+
+    # A part written after the index: the new study is counted and listed.
+    later = write_synthetic_run(served["root"] / "later", 1, run_id="zlater", seed=7, part_rows=1)
+    (later / "parts" / "part-zlater-00000.parquet").rename(folder / "parts" / "part-paging-99999.parquet")
+    runs = {r["run_id"]: r for r in _kept(served, client.get("/api/v1/runs")).json()}
+    assert runs[run_id]["studies"] == n + 1
+    ids = _kept(served, client.get(f"/api/v1/runs/{run_id}/studies?sort=study_id&order=desc&limit=1")).json()
+    assert ids["total"] == n + 1 and ids["studies"][0]["study_id"] == "zlater_0000000.png"

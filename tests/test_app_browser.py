@@ -158,3 +158,37 @@ def test_the_runs_browser_leads_to_the_same_study_page(browser, site):
     target = next(l for l in links if l.text == NIH_PNG.name).get_attribute("href")
     browser.get(target)
     _check_study_page(browser, "app-study-from-runs.png")
+
+
+def test_the_model_page_shows_the_card_and_its_figures(browser, site, trained):
+    """/model: the served bundle's model card (written by `cxr evaluate` for these same weights)
+    with every figure loaded, and what a probability means."""
+    import shutil as sh
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tasks.bundle.bundle import FIGURES, MODEL_CARD
+    from tests.evaluation_helpers import evaluated
+
+    params, report = evaluated(trained)
+    digest = report["model_digest"]
+    source = Path(params.paths.models) / digest
+    served = Path(trained.paths.models).parent / "models-browser" / digest  # the site's registered copy: same weights
+    sh.copy2(source / MODEL_CARD, served / MODEL_CARD)
+    sh.copytree(source / FIGURES, served / FIGURES, dirs_exist_ok=True)
+    browser.get(site + "/model")
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model-card h1"))
+    assert browser.current_url.endswith(f"/models/{digest}")
+    assert browser.find_element(By.ID, "model-digest").text == digest[:12]
+    card = browser.find_element(By.ID, "model-card")
+    assert "Known limits" in card.text and "not a diagnostic device" in card.text and "Calibration" in card.text
+    images = card.find_elements(By.TAG_NAME, "img")
+    assert len(images) == len(report["figures"])
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#model-card img')].every(i => i.complete && i.naturalWidth > 0);"))
+    assert browser.find_element(By.ID, "probability-meaning").text.startswith("Probabilities are calibrated")
+    OUTPUT.mkdir(exist_ok=True)
+    browser.set_window_size(1300, 2400)
+    browser.save_screenshot(str(OUTPUT / "app-model-card.png"))
+    browser.set_window_size(1300, 1100)

@@ -1,6 +1,8 @@
 """A PACS as a source and a sink, against a real Orthanc (Debian's orthanc + orthanc-dicomweb,
-started by scripts/orthanc.sh on loopback with authentication): QIDO-RS/WADO-RS in, the one
-Scorer, SR + Secondary Capture back over STOW-RS; and the C-STORE receiver."""
+installed by scripts/install-orthanc.sh, started by scripts/pacs.sh on loopback with
+authentication; one per session): QIDO-RS/WADO-RS in, the one Scorer, SR + Secondary Capture +
+presentation state back over STOW-RS; a `cxr score --dicomweb` killed mid-run and resumed; the
+nightly deployment on a PACS; the study page's viewer link; and `cxr receive` fed by storescu."""
 
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tests.conftest import ROOT, STUDIES, registered_copy
+from tests.conftest import NIH_SAMPLE, ROOT, STUDIES, registered_copy
 
 pytestmark = pytest.mark.slow
 
 DX_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"
+CR_CLASS = "1.2.840.10008.5.1.4.1.1.1"
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 
 
@@ -38,24 +41,30 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
+    """The one Orthanc of the session (only this module uses it), from the project's scripts."""
     if shutil.which("Orthanc") is None and shutil.which("apt-get") is None:
         pytest.skip("Orthanc is not installed and apt-get is not available")
     state = tmp_path_factory.mktemp("orthanc")
     user, password = "cxr-test", "pw-" + secrets.token_hex(8)
-    env = dict(os.environ, CXR_ORTHANC_DIR=str(state), CXR_DICOMWEB_USER=user, CXR_DICOMWEB_PASSWORD=password)
-    started = subprocess.run([str(ROOT / "scripts" / "orthanc.sh"), "start"], env=env, capture_output=True, text=True)
+    env = dict(os.environ, CXR_PACS_DIR=str(state), CXR_DICOMWEB_USER=user, CXR_DICOMWEB_PASSWORD=password,
+               CXR_PACS_HTTP_PORT=str(_free_port()), CXR_PACS_DICOM_PORT=str(_free_port()))
+    started = subprocess.run([str(ROOT / "scripts" / "pacs.sh"), "start"], env=env, capture_output=True, text=True)
     if started.returncode != 0 and "apt" in started.stderr:
         pytest.skip(f"could not install Orthanc: {started.stderr[-300:]}")
     assert started.returncode == 0, started.stderr
     assert password not in started.stdout + started.stderr
     url = started.stdout.strip().splitlines()[-1]
+    status = subprocess.run([str(ROOT / "scripts" / "pacs.sh"), "status"], env=env, capture_output=True, text=True)
+    assert status.returncode == 0 and status.stdout.strip().splitlines()[-1] == url
+    assert password not in status.stdout + status.stderr and password not in (state / "orthanc.log").read_text()
     yield {"url": url, "user": user, "password": password, "http": url.rsplit("/dicom-web", 1)[0],
-           "dicom_port": int((state / "dicom_port").read_text())}
-    subprocess.run([str(ROOT / "scripts" / "orthanc.sh"), "stop"], env=env, check=False)
+           "dicom_port": int((state / "dicom_port").read_text()), "env": env}
+    subprocess.run([str(ROOT / "scripts" / "pacs.sh"), "stop"], env=env, check=False)
+    assert subprocess.run([str(ROOT / "scripts" / "pacs.sh"), "status"], env=env, capture_output=True).returncode == 3
 
 
 def _dataset(pixels: np.ndarray, *, modality: str, sop_class: str, body_part: str, study_uid: str | None = None,
-             date: str = "20260101", photometric: str = "MONOCHROME2") -> Dataset:
+             date: str = "20200101", photometric: str = "MONOCHROME2", patient: str = "P1") -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -64,7 +73,7 @@ def _dataset(pixels: np.ndarray, *, modality: str, sop_class: str, body_part: st
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), generate_uid()
-    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "P1", "Test^Patient", "19700101", "O"
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = patient, "Test^Patient", "19700101", "O"
     ds.StudyDate = ds.SeriesDate = date
     ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "120000", "1", "A1", ""
     ds.Modality, ds.BodyPartExamined, ds.SeriesNumber, ds.InstanceNumber = modality, body_part, 1, 1
@@ -105,7 +114,7 @@ def pacs(orthanc):
     real = pydicom.dcmread(STUDIES / "Fake_MONOHR1.dcm")
     png = np.asarray(Image.open(STUDIES / "00000001_000.png").convert("L"))
     dx = _dataset(png, modality="DX", sop_class=DX_CLASS, body_part="CHEST")
-    knee = _dataset(png, modality="DX", sop_class=DX_CLASS, body_part="KNEE")
+    knee = _dataset(png, modality="CR", sop_class=CR_CLASS, body_part="KNEE")
     ct = _dataset(png[:256, :256], modality="CT", sop_class=CT_CLASS, body_part="CHEST")
     for data in [(STUDIES / "Fake_MONOHR1.dcm").read_bytes(), _bytes(dx), _bytes(knee), _bytes(ct)]:
         _upload(orthanc, data)
@@ -209,7 +218,7 @@ def test_score_from_pacs_and_write_back(orthanc, pacs, pacs_params, creds, tmp_p
     for key in ("real", "dx"):
         assert rows.loc[str(pacs[key].SOPInstanceUID), "status"] == "scored"
     assert by_sop.loc[str(pacs["dx"].SOPInstanceUID), "study_instance_uid"] == str(pacs["dx"].StudyInstanceUID)
-    assert summary["stored_back"] == 5  # SR + SC for two scored instances, an SR for the knee
+    assert summary["stored_back"] == 7  # SR + SC + GSPS for two scored instances, an SR for the knee
 
     # The results are in the source studies: an SR (14 findings, probabilities = scores.parquet) and an SC.
     for key in ("real", "dx"):
@@ -236,8 +245,24 @@ def test_score_from_pacs_and_write_back(orthanc, pacs, pacs_params, creds, tmp_p
         sc = _wado(orthanc, src.StudyInstanceUID, sc_series, sc_sop)
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
         assert "NOT FOR DIAGNOSIS" in sc.ImageComments and sc.BurnedInAnnotation == "YES"
+        # The attention box as a presentation state over the source image, in its pixel corners.
+        prs = _series_of(orthanc, src.StudyInstanceUID, "PR")
+        assert len(prs) == 1
+        pr_series = prs[0]["0020000E"]["Value"][0]
+        pr_sop = _qido(orthanc, f"studies/{src.StudyInstanceUID}/series/{pr_series}/instances")[0]["00080018"]["Value"][0]
+        pr = _wado(orthanc, src.StudyInstanceUID, pr_series, pr_sop)
+        assert pr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"  # grayscale softcopy presentation state
+        assert pr.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        graphic = pr.GraphicAnnotationSequence[0].GraphicObjectSequence[0]
+        xs, ys = graphic.GraphicData[0::2], graphic.GraphicData[1::2]
+        assert graphic.GraphicType == "POLYLINE" and graphic.GraphicAnnotationUnits == "PIXEL"
+        assert (min(xs), min(ys), max(xs), max(ys)) == (row["box_x0"], row["box_y0"], row["box_x1"] + 1, row["box_y1"] + 1)
+        assert 0 <= row["box_x0"] <= row["box_x1"] < src.Columns and 0 <= row["box_y0"] <= row["box_y1"] < src.Rows
     knee_srs = _series_of(orthanc, pacs["knee"].StudyInstanceUID, "SR")
     assert len(knee_srs) == 1 and not _series_of(orthanc, pacs["knee"].StudyInstanceUID, "OT")
+    assert not _series_of(orthanc, pacs["knee"].StudyInstanceUID, "PR")
+    # The CT study was never retrieved, and nothing was stored into it.
+    assert [s["00080060"]["Value"][0] for s in _qido(orthanc, f"studies/{pacs['ct'].StudyInstanceUID}/series")] == ["CT"]
     ks = knee_srs[0]["0020000E"]["Value"][0]
     ksop = _qido(orthanc, f"studies/{pacs['knee'].StudyInstanceUID}/series/{ks}/instances")[0]["00080018"]["Value"][0]
     assert "Not assessed" in _text(_wado(orthanc, pacs["knee"].StudyInstanceUID, ks, ksop))
@@ -259,7 +284,7 @@ def test_score_from_pacs_and_write_back(orthanc, pacs, pacs_params, creds, tmp_p
 
     write_index(out, idx)
     third = score_dicomweb(pacs_params, orthanc["url"], out, since=since)
-    assert third["stored_back"] == 5 and _count(orthanc) == count
+    assert third["stored_back"] == 7 and _count(orthanc) == count
     # No credential in any file the runs wrote.
     secret = orthanc["password"].encode()
     assert not [p for p in out.rglob("*") if p.is_file() and secret in p.read_bytes()]
@@ -342,3 +367,278 @@ def test_c_store_receiver(tmp_path):
     files = list(incoming.iterdir())
     assert [f.name for f in files] == [f"{dx.SOPInstanceUID}.dcm"]
     assert pydicom.dcmread(files[0]).SOPInstanceUID == dx.SOPInstanceUID
+
+
+# ---------------------------------------------------------------------- more of the real PACS
+
+def _today() -> dt.date:
+    return dt.datetime.now(dt.timezone.utc).date()
+
+
+def _nih_cr(k: int, date: dt.date, *, patient: str) -> Dataset:
+    """NIH sample radiograph number k as a chest CR dated `date`, in a study of its own."""
+    png = sorted((NIH_SAMPLE / "images").glob("*.png"))[k]
+    pixels = np.asarray(Image.open(png).convert("L"))
+    return _dataset(pixels, modality="CR", sop_class=CR_CLASS, body_part="CHEST", date=date.strftime("%Y%m%d"),
+                    patient=patient)
+
+
+def _results_of(orthanc, study_uid) -> dict[str, int]:
+    """{modality: instances} of the result series (SR, OT, PR) in a study."""
+    out = {}
+    for series in _qido(orthanc, f"studies/{study_uid}/series"):
+        modality = series["00080060"]["Value"][0]
+        if modality in ("SR", "OT", "PR"):
+            n = len(_qido(orthanc, f"studies/{study_uid}/series/{series['0020000E']['Value'][0]}/instances"))
+            out[modality] = out.get(modality, 0) + n
+    return out
+
+
+def _params_file(params, path: Path) -> Path:
+    path.write_text(params.model_dump_json(by_alias=True))  # JSON is YAML
+    return path
+
+
+@pytest.fixture(scope="module")
+def nightly_store(orthanc, pacs, pacs_params, prefect_server, tmp_path_factory):
+    """The nightly deployment's flow on the PACS, twice: everything the first night, then only what is new."""
+    from cxr.core.config import Params
+    from flows.nightly import nightly_scoring_flow
+
+    root = Path(pacs_params.paths.reports).parent / "nightly-pacs"
+    data = pacs_params.model_dump(mode="json", by_alias=True)
+    data["paths"]["reports"] = str(root)
+    data["nightly"] = {**data["nightly"], "source": "dicomweb", "dicomweb_url": orthanc["url"]}
+    data["source"] = {"lookback_days": 2}
+    params = Params.model_validate(data)
+    cfg = _params_file(params, tmp_path_factory.mktemp("nightly") / "params.yaml")
+    today = _today()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CXR_DICOMWEB_USER", orthanc["user"])
+        mp.setenv("CXR_DICOMWEB_PASSWORD", orthanc["password"])
+        mp.delenv("CXR_DICOMWEB_TOKEN", raising=False)
+        first = nightly_scoring_flow(params_file=str(cfg), day=(today - dt.timedelta(days=1)).isoformat())
+        new = {"today": _nih_cr(40, today, patient="NEW1"),
+               "late": _nih_cr(41, today - dt.timedelta(days=1), patient="NEW2"),  # arrived late, within the lookback
+               "old": _nih_cr(42, today - dt.timedelta(days=30), patient="NEW3")}  # older than the lookback
+        for ds in new.values():
+            _upload(orthanc, _bytes(ds))
+        second = nightly_scoring_flow(params_file=str(cfg), day=today.isoformat())
+    return {"root": root, "store": root / "nightly", "first": first, "second": second, "new": new, "params": params,
+            "prefect": prefect_server}
+
+
+def test_nightly_on_a_pacs_scores_only_what_is_newer_than_its_last_run(orthanc, nightly_store):
+    from tasks.scoring.dicomweb import read_index, read_state
+    from tasks.scoring.rows import read_scores
+
+    first, second, new, store = nightly_store["first"], nightly_store["second"], nightly_store["new"], nightly_store["store"]
+    assert first["since"] is None and first["instances_found"] >= 3  # no watermark yet: every CR/DX study
+    assert read_state(store)["watermark"] == _today().isoformat()
+    assert second["since"] == (_today() - dt.timedelta(days=2)).isoformat()
+    assert second["instances_found"] == 2 and second["already_scored_instances"] == 0
+    assert second["stored_back"] == 6  # SR + SC + presentation state for each of the two
+    index = read_index(store)
+    took = set(index.loc[index["run_id"] == second["run_id"], "sop_instance_uid"])
+    assert took == {str(new["today"].SOPInstanceUID), str(new["late"].SOPInstanceUID)}
+    assert _results_of(orthanc, new["today"].StudyInstanceUID) == {"SR": 1, "OT": 1, "PR": 1}
+    assert _results_of(orthanc, new["old"].StudyInstanceUID) == {}
+    scores = read_scores(store)
+    assert scores["sha256"].is_unique and len(scores) == len(index)
+    # Each night keeps its dated report and summary.
+    for day in (_today() - dt.timedelta(days=1), _today()):
+        assert (store / day.isoformat() / "summary.json").is_file()
+    assert (store / _today().isoformat() / "report.html").is_file()
+    # No credential in the store or in the Prefect runs (parameters and logs).
+    secret = orthanc["password"]
+    assert not [p for p in nightly_store["root"].rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    api = nightly_store["prefect"]
+    runs = requests.post(f"{api}/flow_runs/filter", json={"limit": 200, "sort": "START_TIME_DESC"}, timeout=30).json()
+    assert any(orthanc["url"] in json_dumps(r["parameters"]) for r in runs), "the PACS flow run was not recorded"
+    assert secret not in json_dumps(runs)
+    logs = requests.post(f"{api}/logs/filter", json={"limit": 200, "sort": "TIMESTAMP_DESC"}, timeout=30).json()
+    assert logs and secret not in json_dumps(logs)
+
+
+def json_dumps(value) -> str:
+    import json
+
+    return json.dumps(value, default=str)
+
+
+def test_the_study_page_of_a_pacs_study_links_to_the_viewer(orthanc, nightly_store, tmp_path):
+    import httpx
+
+    from cxr.core.config import Params
+    from tasks.scoring.dicomweb import read_index
+    from tasks.scoring.rows import read_scores
+    from tests.app_helpers import threaded_app
+
+    data = nightly_store["params"].model_dump(mode="json", by_alias=True)
+    data["app"] = {**data["app"], "store": str(nightly_store["root"].parent / "app-pacs"), "runs": [str(nightly_store["root"])],
+                   "viewer_url": f"{orthanc['http']}/app/explorer.html#study?uuid={{orthanc_study_id}}"}
+    params = Params.model_validate(data)
+    src = nightly_store["new"]["today"]
+    index = read_index(nightly_store["store"]).set_index("sop_instance_uid")
+    scores = read_scores(nightly_store["store"]).set_index("sha256")
+    name = Path(scores.loc[index.loc[str(src.SOPInstanceUID), "sha256"], "json"]).stem
+    with threaded_app(params) as url, httpx.Client(base_url=url, timeout=60) as client:
+        runs = {r["run_id"]: r for r in client.get("/api/v1/runs").json()}
+        assert runs["nightly"]["kind"] == "nightly" and runs["nightly"]["studies"] == len(index)
+        assert f"nightly~{_today().isoformat()}" in runs
+        assert "nightly" in client.get("/runs").text
+        page = client.get(f"/runs/nightly/studies/{name}")
+    assert page.status_code == 200
+    html = page.text
+    assert f'<code id="study-uid">{src.StudyInstanceUID}</code>' in html
+    assert orthanc["password"] not in html
+    link = html.split('id="viewer-link" href="', 1)[1].split('"', 1)[0]
+    assert link.startswith(f"{orthanc['http']}/app/explorer.html#study?uuid=")
+    # The link names the study Orthanc holds: its id answers with the same StudyInstanceUID.
+    study = requests.get(f"{orthanc['http']}/studies/{link.rsplit('=', 1)[1]}",
+                         auth=(orthanc["user"], orthanc["password"]), timeout=30)
+    assert study.status_code == 200 and study.json()["MainDicomTags"]["StudyInstanceUID"] == src.StudyInstanceUID
+    # With a {study_uid} template (OHIF's) the link carries the UID itself; without one, no link.
+    from app.pacs_link import pacs_facts
+    from app.runs import Run
+
+    run = Run("nightly", nightly_store["store"].resolve(), "nightly")
+    row = scores.loc[index.loc[str(src.SOPInstanceUID), "sha256"]].to_dict()
+    row["sha256"] = index.loc[str(src.SOPInstanceUID), "sha256"]
+    ohif = pacs_facts(run, row, "https://pacs.example/viewer?StudyInstanceUIDs={study_uid}")
+    assert ohif["viewer_link"] == f"https://pacs.example/viewer?StudyInstanceUIDs={src.StudyInstanceUID}"
+    assert pacs_facts(run, row, "")["viewer_link"] is None
+
+
+def test_cxr_receive_takes_a_c_store_from_storescu(pacs_params, tmp_path):
+    """The real `cxr receive` command, fed by dcmtk's storescu (pynetdicom's when dcmtk is missing)."""
+    import signal
+    import sys
+
+    from tests.conftest import clean_env, VENV_BIN
+
+    incoming, port = Path(pacs_params.paths.reports).parent / "incoming-received", _free_port()
+    data = pacs_params.model_dump(mode="json", by_alias=True)
+    data["paths"]["incoming"] = str(incoming)
+    from cxr.core.config import Params
+
+    cfg = _params_file(Params.model_validate(data), tmp_path / "params.yaml")
+    png = np.asarray(Image.open(STUDIES / "00000001_000.png").convert("L"))
+    cr = _dataset(png, modality="CR", sop_class=CR_CLASS, body_part="CHEST")
+    sent = tmp_path / "sent.dcm"
+    sent.write_bytes(_bytes(cr))
+    proc = subprocess.Popen([str(VENV_BIN / "cxr"), "--params", str(cfg), "receive", "--port", str(port)],
+                            cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        while not seen or "receiving C-STORE" not in seen[-1]:
+            line = proc.stdout.readline()
+            assert line, f"cxr receive exited: {''.join(seen)}"
+            seen.append(line)
+        assert f"on 127.0.0.1:{port}" in seen[-1], seen  # loopback unless told otherwise
+        if shutil.which("storescu"):
+            scu = ["storescu", "-aec", "CXR", "127.0.0.1", str(port), str(sent)]
+        else:
+            scu = [sys.executable, "-m", "pynetdicom", "storescu", "-aec", "CXR", "127.0.0.1", str(port), str(sent)]
+        done = subprocess.run(scu, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        received = incoming / f"{cr.SOPInstanceUID}.dcm"
+        assert received.is_file() and pydicom.dcmread(received).SOPInstanceUID == cr.SOPInstanceUID
+        assert [p.name for p in incoming.iterdir()] == [received.name]  # no temporary file left
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in rest and "receiver stopped" in rest
+
+
+def test_a_killed_cli_run_resumes_and_duplicates_nothing(orthanc, pacs, pacs_params, creds, prefect_server, tmp_path):
+    """SIGKILL of `cxr score --dicomweb` while it stores results back; the rerun completes it all once."""
+    import signal
+
+    from tests.conftest import clean_env, VENV_BIN
+    from tasks.scoring.dicomweb import read_index, score_dicomweb
+    from tasks.scoring.rows import read_scores
+
+    day = _today() - dt.timedelta(days=20)
+    sources = [_nih_cr(k, day, patient=f"KILL{k}") for k in range(24)]
+    for ds in sources:
+        _upload(orthanc, _bytes(ds))
+    baseline = _count(orthanc)
+    out = Path(pacs_params.paths.reports) / "pacs-kill"
+    cfg = _params_file(pacs_params, tmp_path / "params.yaml")
+    log = tmp_path / "cli.log"
+    env = clean_env({"PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"})
+    since = (day - dt.timedelta(days=1)).isoformat()
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen([str(VENV_BIN / "cxr"), "--params", str(cfg), "score", "--dicomweb", orthanc["url"],
+                                 "--out", str(out), "--since", since], cwd=ROOT, env=env, stdout=handle,
+                                stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        try:
+            while _count(orthanc) < baseline + 3:  # one instance's SR, SC and presentation state
+                assert proc.poll() is None, f"cxr exited ({proc.returncode}) before storing: {log.read_text()[-2000:]}"
+                assert time.monotonic() < deadline, "no result stored back within 240 s"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = _count(orthanc)
+    assert baseline < killed_at < baseline + 3 * len(sources), "the kill did not land mid-write-back"
+    assert orthanc["password"] not in log.read_text()
+
+    again = score_dicomweb(pacs_params, orthanc["url"], out, since=dt.date.fromisoformat(since))
+    # Nothing fetched or scored again; only what the kill left unstored is stored now.
+    assert again["already_scored_instances"] == again["instances_found"] >= len(sources)
+    # (Studies another test stored in this window get results under the UIDs they already have.)
+    assert _count(orthanc) == baseline + 3 * len(sources)
+    for ds in sources:
+        assert _results_of(orthanc, ds.StudyInstanceUID) == {"SR": 1, "OT": 1, "PR": 1}
+    index = read_index(out)
+    assert {str(ds.SOPInstanceUID) for ds in sources} <= set(index["sop_instance_uid"])
+    assert index["sop_instance_uid"].is_unique and index["written_back"].all()
+    scores = read_scores(out)
+    assert len(scores) == len(index) and scores["sha256"].is_unique and (scores["status"] == "scored").all()
+
+
+@pytest.mark.parametrize("shape", ["flagged-ood", "rejected"])
+def test_the_fast_report_is_the_highdicom_report(shape):
+    """The write-back's report (a per-shape template with the instance's values written in)
+    equals highdicom's full build of it, element for element, after a DICOM round trip."""
+    from io import BytesIO
+
+    from cxr.core.labels import LABEL_COLUMNS
+    from tasks.scoring.dicom_sink import fast_structured_report, structured_report
+
+    header = pydicom.dcmread(STUDIES / "Fake_MONOHR1.dcm", stop_before_pixels=True)
+    rng = np.random.default_rng(len(shape))
+    row = {c: float(p) for c, p in zip(LABEL_COLUMNS, rng.random(14))}
+    row.update({f"{c}_flag": bool(row[c] > 0.5) for c in LABEL_COLUMNS})
+    row.update(status="scored", reason=None, ood_score=float(rng.random() * 40), ood_flag=False)
+    if shape == "flagged-ood":
+        row.update(ood_flag=True, reason="out of distribution: feature distance 31.2 over 12.5 (Ünïcode)")
+    if shape == "rejected":
+        row = {**{c: None for c in row}, "status": "rejected", "reason": "not a chest radiograph: BodyPartExamined is KNEE"}
+    thresholds, digest = rng.random(14), "d" * 64
+    ignore = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime", "ContributingEquipmentSequence")
+
+    def round_trip(sr):
+        buf = BytesIO()
+        sr.save_as(buf, enforce_file_format=True)
+        ds = pydicom.dcmread(BytesIO(buf.getvalue()))
+        for keyword in ignore:
+            ds.pop(keyword, None)
+        return ds
+
+    full = round_trip(structured_report(header, row, thresholds, digest))
+    fast = round_trip(fast_structured_report(header, row, thresholds, digest))
+    assert fast == full
+    if shape == "flagged-ood":  # text beyond ASCII, in the report's character set
+        assert "Ünïcode" in _text(fast)
+    # The template, reused: the same report again; another reason's length in a report alike.
+    assert round_trip(fast_structured_report(header, row, thresholds, digest)) == fast
+    if shape == "rejected":
+        row2 = {**row, "reason": "download failed: HTTP 404 Not Found (a reason of another length)"}
+        assert round_trip(fast_structured_report(header, row2, thresholds, digest)) == \
+            round_trip(structured_report(header, row2, thresholds, digest))

@@ -61,7 +61,8 @@ def scoring_run(trained, tmp_path_factory, prefect_server, sample_csv):
     from flows.score import score
 
     summary = score(load_params(params_file), STUDIES, root / "scores")
-    return {"root": root, "params_file": params_file, "summary": summary, "pipeline": json.loads(pipeline.stdout)}
+    return {"root": root, "params_file": params_file, "summary": summary, "pipeline": json.loads(pipeline.stdout),
+            "pipeline_stderr": pipeline.stderr}
 
 
 def test_cxr_pipeline_runs_the_whole_dag_on_the_nih_sample(scoring_run, trained):
@@ -83,6 +84,25 @@ def test_cxr_pipeline_runs_the_whole_dag_on_the_nih_sample(scoring_run, trained)
     assert "No Finding vs any finding" in Path(ev["report"]).read_text()
     # Resumed, not retrained: the pipeline's weights are the trained ones.
     assert model_digest(scoring_run["root"] / "models") == model_digest(trained.paths.models)
+
+
+def test_the_pipelines_own_lines_reach_its_runs_logs_not_the_terminal(scoring_run):
+    """`cxr pipeline` (a console command) sends the `cxr.*` lines to the server: each train
+    run says that it resumed its finished stage; the terminal stays quiet by default."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, LogFilter, LogFilterFlowRunId
+
+    async def read(client):
+        runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["train"])))
+        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])))
+        return runs, logs
+
+    runs, logs = _api(read)
+    said = {l.message for l in logs if l.name == "cxr.train"}
+    for stage in ("global", "local", "fusion"):
+        assert f"resuming stage {stage} after epoch 1/1" in said, said
+        assert any(m.startswith(f"stage {stage} done: kept ") for m in said), said
+    stderr = scoring_run["pipeline_stderr"]
+    assert "resuming stage" not in stderr and "stage global done" not in stderr, stderr[-2000:]
 
 
 def test_flow_runs_task_runs_and_artifacts_through_the_api(scoring_run):
@@ -108,6 +128,10 @@ def test_flow_runs_task_runs_and_artifacts_through_the_api(scoring_run):
     assert {"cxr-score-table", "cxr-score-report"} <= {a.key for a in mine}
     table = next(a for a in mine if a.key == "cxr-score-table")
     assert "00000001_000" in json.dumps(table.data)
+    # The scoring batches updated a progress artifact of the run's score-shards task to 100%.
+    progress = [a for a in mine if a.key == "cxr-score"]
+    assert len(progress) == 1 and progress[0].type == "progress" and progress[0].data == 100.0
+    assert "studies/s" in progress[0].description
 
 
 def test_ui_page_of_the_scoring_run_renders_in_chromium(scoring_run, prefect_server):
@@ -135,6 +159,10 @@ def test_nightly_deployment_is_served_on_its_schedule_and_runs(scoring_run, pref
     shutil.copy(STUDIES / "00000001_000.png", incoming / "a.png")
     params_file = _params_file(__import__("cxr.core.config", fromlist=["load_params"]).load_params(scoring_run["params_file"]),
                                root / "nightly.yaml", incoming=incoming)
+    # With an alert webhook in params, `cxr serve` also makes (or updates) the failure alert.
+    data = yaml.safe_load(params_file.read_text())
+    data["nightly"]["alert_webhook"] = "http://127.0.0.1:9/cxr-alert"
+    params_file.write_text(yaml.safe_dump(data, sort_keys=False))
     # The runner polls for due runs each second instead of each 10 s (Prefect's default).
     env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", PREFECT_API_URL=prefect_server,
                PREFECT_RUNNER_POLL_FREQUENCY="1")
@@ -151,7 +179,12 @@ def test_nightly_deployment_is_served_on_its_schedule_and_runs(scoring_run, pref
                 time.sleep(1)
         assert deployment is not None
         schedule = deployment.schedules[0].schedule
-        assert schedule.cron == "0 2 * * *" and schedule.timezone
+        # One time-zone rule: params nightly.cron in nightly.timezone, as prefect.yaml says.
+        assert (schedule.cron, schedule.timezone) == ("0 2 * * *", "UTC")
+        from flows.alerts import AUTOMATION
+
+        automations = _api(lambda c: c.read_automations_by_name(AUTOMATION))
+        assert len(automations) == 1 and automations[0].enabled
         from prefect.deployments import run_deployment
 
         flow_run = run_deployment("nightly-scoring/nightly-scoring", parameters={"day": "2026-01-02"}, timeout=300, poll_interval=1)

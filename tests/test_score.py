@@ -171,7 +171,8 @@ def test_thresholds_are_fitted_at_registration_and_kept_per_rule(params, tmp_pat
     youden = rule_key(s)
     assert youden == "youden" and list(bundle.manifest["thresholds"]) == [youden]  # fitted when registered
     entry = bundle.manifest["thresholds"][youden]
-    y, p, version = validation_predictions(own, bundle.agcnn(), torch.device("cpu"))
+    # Thresholds are chosen on the bundle's calibrated scale (tasks.bundle.calibration).
+    y, p, version = validation_predictions(own, bundle.agcnn(), torch.device("cpu"), bundle.calibration())
     assert entry["rule"] == youden and entry["data_version"] == version and entry["valid_images"] == len(y) > 0
     assert list(entry["classes"]) == list(PATHOLOGIES)
     assert [entry["classes"][c] for c in PATHOLOGIES] == operating_thresholds(

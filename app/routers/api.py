@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
-from app.runs import APP_RUN, clean, discover_runs, run_rows
+from app.runs import APP_RUN, clean, discover_runs, run_counts, run_page
 from app.security import require_api_token, signed_in, valid_id
 from app.uploads import UploadError, discard, receive_files
 from app.views import public_facts
@@ -58,12 +58,10 @@ def list_runs(request: Request) -> list[dict]:
     """Every scoring run found: batch outputs, the nightly store and its dated folders, the app's uploads."""
     out = []
     for run in runs_of(request).values():
-        rows = run_rows(run)
-        scored = rows[rows["status"] == "scored"]
-        out.append({"run_id": run.run_id, "kind": run.kind, "studies": len(rows), "scored": len(scored),
-                    "rejected": int((rows["status"] == "rejected").sum()),
-                    "flagged": int((scored["flagged"].fillna("") != "").sum()),
-                    "last_scored_at": clean({"t": rows["scored_at"].max()})["t"] if len(rows) else None,
+        # Counted on the run's index (kept beside its scores), never by reading its whole table.
+        c = run_counts(run)
+        out.append({"run_id": run.run_id, "kind": run.kind, "studies": c["studies"], "scored": c["scored"],
+                    "rejected": c["rejected"], "flagged": c["flagged"], "last_scored_at": c["last_scored_at"],
                     "studies_url": f"/api/v1/runs/{run.run_id}/studies", "page": f"/runs/{run.run_id}"})
     return out
 
@@ -72,11 +70,11 @@ def list_runs(request: Request) -> list[dict]:
 def run_studies(request: Request, run_id: str, sort: str = "max_flagged_probability",
                 order: str = Query("desc", pattern="^(asc|desc)$"), offset: int = Query(0, ge=0),
                 limit: int = Query(1000, ge=1, le=10000)) -> dict:
-    """The run's studies as rows (highest flagged probability first by default), each with its page."""
+    """The run's studies as rows (highest flagged probability first by default), each with its page:
+    sorted and paged on the server, only this page's rows read."""
     run = run_or_404(request, run_id)
-    rows = run_rows(run, sort, order == "desc")
-    page = rows.iloc[offset : offset + limit]
-    return {"run_id": run.run_id, "kind": run.kind, "total": len(rows), "offset": offset,
+    total, page = run_page(run, sort, order == "desc", offset, limit)
+    return {"run_id": run.run_id, "kind": run.kind, "total": total, "offset": offset, "limit": limit,
             "studies": [public_facts(clean(r), run.run_id) for r in page.to_dict("records")]}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 from urllib.parse import quote
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
@@ -11,9 +12,11 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 
 from cxr.core.labels import PATHOLOGIES
 from app.routers.api import run_or_404
-from app.runs import APP_RUN, SORTABLE, clean, find_study, run_rows
+from app.runs import APP_RUN, PAGE_SIZE, SORTABLE, clean, find_study
+from app.runs import run_page as run_page_rows
 from app.security import SESSION_COOKIE, safe_next, session_value, signed_in, valid_id
 from app.uploads import UploadError, receive_files
+from app.pacs_link import pacs_facts
 from app.views import CAM_PICTURE, cam_png, findings, page_path, picture_file, public_facts, study_facts
 
 router = APIRouter(include_in_schema=False)
@@ -81,13 +84,17 @@ def runs_page(request: Request):
 
 @router.get("/runs/{run_id}")
 def run_page(request: Request, run_id: str, sort: str = "max_flagged_probability",
-             order: str = Query("desc", pattern="^(asc|desc)$")):
+             order: str = Query("desc", pattern="^(asc|desc)$"), offset: int = Query(0, ge=0),
+             limit: int = Query(PAGE_SIZE, ge=1, le=1000)):
+    """One page of the run's studies, sorted on the server; previous/next links page on."""
     if not signed_in(request):
         return _signin_redirect(request)
     run = run_or_404(request, run_id)
     sort = sort if sort in SORTABLE else "max_flagged_probability"
-    rows = [public_facts(clean(r), run.run_id) for r in run_rows(run, sort, order == "desc").to_dict("records")]
-    return _page(request, "run.html", {"run": run, "rows": rows, "sort": sort, "order": order})
+    total, page = run_page_rows(run, sort, order == "desc", offset, limit, whole=False)
+    rows = [public_facts(clean(r), run.run_id) for r in page.to_dict("records")]
+    return _page(request, "run.html", {"run": run, "rows": rows, "sort": sort, "order": order, "total": total,
+                                       "offset": offset, "limit": limit})
 
 
 @router.get("/runs/{run_id}/studies/{name}")
@@ -109,7 +116,11 @@ def study_page(request: Request, run_id: str, name: str, cam: int | None = Query
         "cam_available": has["radiograph.png"], "same_model": same_model,
         "training_data_version": scorer.entry.get("training_data_version") if same_model else None,
         "backbone": scorer.entry.get("backbone") if same_model else None,
-        "store_pixels": request.app.state.params.app.store_pixels})
+        "store_pixels": request.app.state.params.app.store_pixels,
+        # Scored from a PACS: its StudyInstanceUID and a link into the viewer (app.viewer_url).
+        "pacs": pacs_facts(run, row, request.app.state.params.app.viewer_url),
+        # What a probability means and when a finding is flagged (older study JSONs lack them).
+        "meaning": scorer.meaning if same_model else None})
 
 
 @router.get("/runs/{run_id}/studies/{name}/{picture}")
@@ -135,3 +146,67 @@ def _study(request: Request, run_id: str, name: str):
     if row is None:
         raise HTTPException(404, "no such study in this run")
     return run, row
+
+
+# --------------------------------------------------------------------------- the model card
+
+_DIGEST = re.compile(r"^[0-9a-f]{6,64}$")
+_FIGURE = re.compile(r"^[a-z0-9_]{1,64}\.png$")
+
+
+def _bundle(request: Request, digest: str):
+    """The registered bundle `digest` (or a unique prefix) names, beside the served one; 404 otherwise."""
+    from cxr.core.errors import DataError
+    from tasks.bundle.bundle import open_bundle
+    from tasks.bundle.registry import resolve_digest
+
+    if not _DIGEST.fullmatch(digest):
+        raise HTTPException(404, "no such model")
+    models_dir = request.app.state.service.scorer.bundle.folder.parent
+    try:
+        return open_bundle(models_dir / resolve_digest(models_dir, digest), verify=False)
+    except DataError:
+        raise HTTPException(404, "no such model") from None
+
+
+@router.get("/model")
+def current_model(request: Request):
+    """The model card of the model this app serves."""
+    if not signed_in(request):
+        return _signin_redirect(request)
+    return RedirectResponse(f"/models/{request.app.state.service.scorer.digest}", status_code=303)
+
+
+@router.get("/models/{digest}")
+def model_page(request: Request, digest: str):
+    """A bundle's model card (written by `cxr evaluate`) with its figures, and its manifest's facts."""
+    if not signed_in(request):
+        return _signin_redirect(request)
+    from tasks.bundle.bundle import MODEL_CARD
+    from tasks.evaluation.model_card import markdown_html
+
+    bundle = _bundle(request, digest)
+    card = bundle.folder / MODEL_CARD
+    body = None
+    if card.is_file():
+        body = markdown_html(card.read_text(), "model card", standalone=False).replace(
+            'src="figures/', f'src="/models/{bundle.digest}/figures/')
+    scorer = request.app.state.service.scorer
+    return _page(request, "model.html", {"bundle": bundle, "summary": bundle.summary(), "card": body,
+                                         "served": bundle.digest == scorer.digest,
+                                         "meaning": scorer.meaning if bundle.digest == scorer.digest else None})
+
+
+@router.get("/models/{digest}/figures/{name}")
+def model_figure(request: Request, digest: str, name: str):
+    if not signed_in(request):
+        raise HTTPException(401, "sign in first")
+    from tasks.bundle.bundle import FIGURES
+
+    if not _FIGURE.fullmatch(name):
+        raise HTTPException(404, "no such figure")
+    bundle = _bundle(request, digest)
+    path = (bundle.folder / FIGURES / name).resolve()
+    if not path.is_relative_to(bundle.folder.resolve()) or not path.is_file():
+        raise HTTPException(404, "no such figure")
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

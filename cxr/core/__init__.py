@@ -50,3 +50,10 @@ from cxr.core.expectations import (  # noqa: F401
     register_suite,
     run_suite,
 )
+from cxr.core.progress import (  # noqa: F401
+    Progress,
+    add_listener,
+    remove_listener,
+    listening,
+    report,
+)

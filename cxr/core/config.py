@@ -6,11 +6,12 @@ named; profiles (the CPU demo, the paper's full-scale GPU setting) are params fi
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cxr.core.errors import DataError
 
@@ -256,12 +257,33 @@ class NightlyParams(_Strict):
     """The `nightly-scoring` deployment served by `cxr serve`."""
 
     cron: str = "0 2 * * *"
-    # IANA name; empty means the machine's local time zone.
-    timezone: str = ""
+    # IANA name of the time zone `cron` is read in, the same for `cxr serve` and prefect.yaml.
+    timezone: str = "UTC"
     # Where the nightly job's studies come from: paths.incoming, or a PACS over DICOMweb.
     source: Literal["folder", "dicomweb"] = "folder"
     # The DICOMweb root (no credentials: CXR_DICOMWEB_USER/PASSWORD or CXR_DICOMWEB_TOKEN).
     dicomweb_url: str = ""
+    # A failed or crashed nightly run POSTs a JSON notice here (a Prefect automation made by
+    # `cxr alerts` or `cxr serve`); empty: no alert. Kept in a Prefect Secret-valued block.
+    alert_webhook: str = ""
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone name (for example UTC or Europe/Berlin)") from None
+        return value
+
+    @field_validator("alert_webhook")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL, or empty for no alert")
+        return value
 
 
 class AppParams(_Strict):
@@ -278,6 +300,23 @@ class AppParams(_Strict):
     # Folders searched for scoring runs (`cxr score` outputs, the nightly store and its dated
     # folders) shown in the runs browser; empty: paths.reports.
     runs: tuple[Path, ...] = ()
+    # A study scored from a PACS links to it in the PACS viewer: a URL template with
+    # {study_uid} (StudyInstanceUID, e.g. OHIF's .../viewer?StudyInstanceUIDs={study_uid}) or
+    # {orthanc_study_id} (Orthanc Explorer's .../app/explorer.html#study?uuid={orthanc_study_id}).
+    # Empty: no link (the StudyInstanceUID is still shown).
+    viewer_url: str = ""
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _viewer_template(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("app.viewer_url must be an http:// or https:// URL template (or empty)")
+        unknown = set(re.findall(r"{([^{}]*)}", value)) - {"study_uid", "orthanc_study_id"}
+        if unknown:
+            raise ValueError(f"app.viewer_url knows only the placeholders {{study_uid}} and {{orthanc_study_id}}, "
+                             f"not {', '.join('{' + u + '}' for u in sorted(unknown))}")
+        return value
 
 
 class DataParams(_Strict):

@@ -1,5 +1,5 @@
 """The registered model as data: one folder per model digest (weights, geometry,
-thresholds, out-of-distribution gate, data version, evaluation) and the registry with its
+thresholds, calibration, out-of-distribution gate, data version, evaluation, model card) and the registry with its
 `current` alias.
 """
 
@@ -16,11 +16,21 @@ from tasks.bundle.thresholds import (  # noqa: F401
     rule_key,
     operating_thresholds,
 )
+from tasks.bundle.calibration import (  # noqa: F401
+    Calibration,
+    fit_calibration,
+    fit_platt,
+    expected_calibration_error,
+    logit,
+)
 from tasks.bundle.ood_gate import (  # noqa: F401
     OOD_PREFIX,
     GATE_FILE,
+    INPUT_STAT_NAMES,
+    STATS_MIN_SCALE,
     Gaussian,
     OODGate,
+    input_statistics,
     fit_gate,
     save_gate,
     load_gate,
@@ -28,6 +38,9 @@ from tasks.bundle.ood_gate import (  # noqa: F401
 from tasks.bundle.bundle import (  # noqa: F401
     MANIFEST,
     FORMAT,
+    MODEL_CARD,
+    FIGURES,
+    OOD_STATEMENTS,
     Bundle,
     open_bundle,
     write_bundle,

@@ -8,8 +8,14 @@ transform), a bundle folder `data/models/<digest>/` holds
     bundle.json                                                 the manifest:
         digest, backbone, labels, model (the input geometry: ModelParams), files (name ->
         sha256), thresholds (rule key -> per-class thresholds fitted on the validation
-        split), ood_gate (its summary), training_data_version, stages (per-stage facts),
-        evaluation (the evaluation summary, once `cxr evaluate` has run)
+        split, on the calibrated scale), calibration (per branch and class, fitted on the
+        validation split; absent in bundles of format 1: the identity), ood_gate (its summary),
+        training_data_version, training_data (its kind: synthetic or real, and what it was),
+        stages (per-stage facts), evaluation (the evaluation summary, once `cxr evaluate` has run)
+
+    model_card.md, figures/*.png                                the model card and its figures,
+                                                                written by `cxr evaluate` (reports:
+                                                                not in `files`, not digest-checked)
 
 Scoring, the nightly job and the app read a bundle and nothing else: no params geometry,
 no training data. `open_bundle` refuses a folder that is incomplete or whose files do not
@@ -31,12 +37,21 @@ from cxr.core.config import ModelParams, ScoreParams
 from cxr.core.digest import file_sha256
 from cxr.core.errors import DataError
 from cxr.core.labels import PATHOLOGIES, STAGES
+from tasks.bundle.calibration import Calibration
 from tasks.bundle.ood_gate import GATE_FILE, OODGate, load_gate
 from tasks.bundle.thresholds import rule_key
 from tasks.bundle.weights import WEIGHT_FILES, load_agcnn, model_digest
 
 MANIFEST = "bundle.json"
-FORMAT = 1  # bump when what a bundle holds changes
+FORMAT = 2  # bump when what a bundle holds changes (2: calibration, a two-part gate, training_data)
+MODEL_CARD = "model_card.md"
+FIGURES = "figures"
+
+#: What the out-of-distribution statement says, by the kind of images a model learned from.
+OOD_STATEMENTS = {
+    "synthetic": "This model learned from synthetic images; its scores for this film are not meaningful.",
+    "real": "This film is unlike the radiographs this model learned from; its scores for it are not meaningful.",
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,19 @@ class Bundle:
     def gate(self) -> OODGate | None:
         return load_gate(self.folder, self.digest)
 
+    def calibration(self) -> Calibration:
+        """The probability calibration (the identity for a bundle registered without one)."""
+        return Calibration.from_manifest(self.manifest.get("calibration"))
+
+    @property
+    def training_kind(self) -> str:
+        """"synthetic" or "real" (what the model learned from); "real" when not recorded."""
+        return (self.manifest.get("training_data") or {}).get("kind", "real")
+
+    def ood_statement(self) -> str:
+        """The plain-words sentence shown above the probabilities of a study marked out of distribution."""
+        return OOD_STATEMENTS.get(self.training_kind, OOD_STATEMENTS["real"])
+
     def thresholds(self, score: ScoreParams) -> dict:
         """The per-class thresholds under `score`'s rule: {rule, data_version, valid_images,
         classes: {pathology: {threshold, source, ...}}}; DataError when not fitted for it."""
@@ -83,7 +111,9 @@ class Bundle:
         return {"digest": self.digest, "folder": str(self.folder), "backbone": m["backbone"],
                 "image_size": m["model"]["image_size"], "local_size": m["model"]["local_size"],
                 "training_data_version": m["training_data_version"], "thresholds": sorted(m.get("thresholds", {})),
-                "ood_gate": m.get("ood_gate"), "evaluation": m.get("evaluation"), "stages": m.get("stages")}
+                "ood_gate": m.get("ood_gate"), "evaluation": m.get("evaluation"), "stages": m.get("stages"),
+                "calibration": (m.get("calibration") or {}).get("method", "identity"),
+                "training_data": m.get("training_data")}
 
 
 def _read_manifest(folder: Path) -> dict:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from cxr.core.errors import DataError
+from cxr.core.progress import report
 from tasks.images import cache_store
 from tasks.images.cache_store import ArraySpec, CacheReader
 from cxr.core.digest import file_sha256
@@ -100,7 +102,9 @@ def plan_image_cache(image_dir: Path, ids, root: Path, size: int, shard_images: 
 def build_image_chunk(plan: ImageCachePlan, i: int) -> dict:
     """Decode, resize and store chunk `i` (skipped when a resumed build already has it)."""
     if cache_store.chunk_done(plan.root, plan.key, i):
+        log.info("image cache chunk %d/%d: already built (resumed)", i + 1, len(plan.chunks))
         return {"chunk": i, "skipped": True}
+    t0 = time.perf_counter()
     ids, checksums = plan.chunk_ids(i)
     pixels, reasons = [], []
     for image_id, sha in zip(ids, checksums):
@@ -116,6 +120,8 @@ def build_image_chunk(plan: ImageCachePlan, i: int) -> dict:
     rows = {"item_id": ids, "source_sha256": [None if s.startswith("error: ") else s for s in checksums],
             "height": [plan.size] * len(ids), "width": [plan.size] * len(ids)}
     cache_store.write_chunk(plan.root, plan.key, i, rows, arrays, reasons)
+    log.info("image cache chunk %d/%d: %d images cached, %d rejected, %.1f s", i + 1, len(plan.chunks), len(pixels),
+             len(ids) - len(pixels), time.perf_counter() - t0)
     return {"chunk": i, "skipped": False, "cached": len(pixels), "rejected": len(ids) - len(pixels)}
 
 
@@ -135,6 +141,7 @@ def build_image_cache(image_dir: Path, ids, root: Path, size: int, shard_images:
         if stop_after_chunks is not None and done >= stop_after_chunks:
             return {"stopped_after_chunks": done, "key": plan.key}
         build_image_chunk(plan, i)
+        report("image-cache", done + 1, len(plan.chunks), unit="chunks")
     return {**publish_image_cache(plan), "up_to_date": False}
 
 

@@ -80,3 +80,10 @@ from tasks.scoring.report import (  # noqa: F401
     render_html,
     write_report,
 )
+from tasks.scoring.run_index import (  # noqa: F401
+    INDEX_FILE,
+    load_index,
+    update_index,
+    page_rows,
+    listed_rows,
+)

@@ -1,6 +1,7 @@
 """The DICOM index of a PACS-sourced scoring run: `out/dicom_index.parquet`, one row per
 retrieved instance with its Study/Series/SOP Instance UIDs, beside `scores.parquet` (whose
-schema it leaves alone), and whether its results were stored back."""
+schema it leaves alone), and whether its results were stored back. `study_row` finds the
+entry of a scored row (the app's study page shows its StudyInstanceUID and viewer link)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ INDEX_SCHEMA = pa.schema([
     ("study_instance_uid", pa.string()), ("series_instance_uid", pa.string()), ("sop_instance_uid", pa.string()),
     ("sop_class_uid", pa.string()), ("source_url", pa.string()), ("run_id", pa.string()),
     ("written_back", pa.bool_()),
+    # Orthanc's id of the study (from PatientID and StudyInstanceUID): Orthanc Explorer's links.
+    ("orthanc_study_id", pa.string()),
 ])
 
 
@@ -35,3 +38,16 @@ def write_index(out_dir: Path, df: pd.DataFrame) -> None:
     df = df.drop_duplicates(["sop_instance_uid", "model_digest"], keep="last").reset_index(drop=True)
     with atomic_path(Path(out_dir) / INDEX_FILE) as tmp:
         pq.write_table(pa.Table.from_pandas(df, schema=INDEX_SCHEMA, preserve_index=False), tmp)
+
+
+def study_row(out_dir: Path, sha256: str | None, model_digest: str | None) -> dict | None:
+    """The index entry of the instance a scores row came from (None for a study not from a PACS)."""
+    if not sha256 or not (Path(out_dir) / INDEX_FILE).is_file():
+        return None
+    index = read_index(out_dir)
+    hit = index.loc[(index["sha256"] == sha256) & (index["model_digest"] == model_digest)]
+    if hit.empty:
+        hit = index.loc[index["sha256"] == sha256]
+    if hit.empty:
+        return None
+    return {k: (None if pd.isna(v) else v) for k, v in hit.iloc[-1].to_dict().items()}

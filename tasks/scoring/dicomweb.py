@@ -45,6 +45,8 @@ log = logging.getLogger("cxr.pacs")
 
 MODALITIES = ("CR", "DX")
 STATE_FILE = "pacs_state.json"
+# Concurrent WADO-RS retrievals (and STOW-RS stores) of one run.
+FETCH_THREADS = 4
 # Image storage SOP classes a chest radiograph may come in.
 IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1",  # CR
@@ -245,17 +247,63 @@ def read_state(out_dir: Path) -> dict:
 
 def header_reason(path: Path, inst: Instance) -> str | None:
     """Why the header says this is not a chest radiograph (None when it may be one)."""
+    return _header_check(path, inst)[0]
+
+
+def _header_check(path: Path, inst: Instance) -> tuple[str | None, pydicom.Dataset | None]:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable header is a rejected row
-        return f"not a readable DICOM file ({type(exc).__name__})"
+        return f"not a readable DICOM file ({type(exc).__name__})", None
     sop_class = str(ds.get("SOPClassUID", inst.sop_class_uid or ""))
     if sop_class not in IMAGE_SOP_CLASSES:
-        return f"not a radiograph image: SOP class {sop_class or 'missing'}"
+        return f"not a radiograph image: SOP class {sop_class or 'missing'}", ds
     body = str(ds.get("BodyPartExamined", "") or "").strip().upper()
     if body and body != "CHEST":
-        return f"not a chest radiograph: BodyPartExamined is {body}"
-    return None
+        return f"not a chest radiograph: BodyPartExamined is {body}", ds
+    return None, ds
+
+
+def orthanc_study_id(patient_id: str, study_uid: str) -> str:
+    """Orthanc's identifier of a study (SHA-1 of "PatientID|StudyInstanceUID", 5 dashed groups),
+    for links into Orthanc Explorer (`app.viewer_url` with {orthanc_study_id})."""
+    import hashlib
+
+    h = hashlib.sha1(f"{patient_id}|{study_uid}".encode()).hexdigest()
+    return "-".join(h[i:i + 8] for i in range(0, 40, 8))
+
+
+def _file_name(sop_uid: str) -> str:
+    """A server-given UID as a file name: digits and dots only (no path can be smuggled in)."""
+    return re.sub(r"[^0-9.]", "_", sop_uid)[:128] + ".dcm"
+
+
+def _server_failing(exc: DataError) -> bool:
+    text = str(exc)
+    return "refused the credentials" in text or "unreachable" in text or "HTTP 5" in text
+
+
+def _fetch(source: "DicomWebSource", inst: Instance, run_dir: Path, max_bytes: int, digest: str) -> tuple[dict, str | None]:
+    """Retrieve one instance into `run_dir` and check its header: (its index entry, why it is refused)."""
+    dest = run_dir / _file_name(inst.sop_instance_uid)
+    reason = None
+    try:
+        source.retrieve(inst, dest, max_bytes)
+    except DataError as exc:
+        if _server_failing(exc):
+            raise  # the server itself is failing: the run stops (the rerun resumes)
+        reason = f"download failed: {exc}"
+    sha = file_sha256(dest) if dest.exists() else None
+    header = None
+    if reason is None:
+        reason, header = _header_check(dest, inst)
+    patient = None if header is None else str(header.get("PatientID", "") or "")
+    entry = {"study_id": dest.name, "sha256": sha, "model_digest": digest,
+             "study_instance_uid": inst.study_instance_uid, "series_instance_uid": inst.series_instance_uid,
+             "sop_instance_uid": inst.sop_instance_uid, "sop_class_uid": inst.sop_class_uid, "source_url": source.url,
+             "orthanc_study_id": None if header is None else orthanc_study_id(patient, inst.study_instance_uid),
+             "written_back": False}
+    return entry, reason
 
 
 def _since(params: Params, out_dir: Path, since: dt.date | None) -> dt.date | None:
@@ -288,31 +336,27 @@ def score_dicomweb(params: Params, url: str, out_dir: Path, *, since: dt.date | 
     window = _since(params, out_dir, since)
     index = read_index(out_dir)
     done = set(index.loc[index["model_digest"] == digest, "sop_instance_uid"])
+    t0 = time.perf_counter()
     found = source.instances(window)
+    timings = {"query_s": time.perf_counter() - t0}
     todo = [i for i in found if i.sop_instance_uid not in done]
     stamp = started.strftime("%Y%m%dT%H%M%S%fZ")
     run_dir = out_dir / "pacs" / stamp
     run_dir.mkdir(parents=True, exist_ok=True)
     rows, rejected = [], []
     max_bytes = params.score.max_bytes
-    for inst in todo:
-        dest = run_dir / f"{inst.sop_instance_uid}.dcm"
-        study_id = dest.relative_to(run_dir).as_posix()
-        reason = None
-        try:
-            source.retrieve(inst, dest, max_bytes)
-        except DataError as exc:
-            if "refused the credentials" in str(exc) or "unreachable" in str(exc) or "HTTP 5" in str(exc):
-                raise  # the server itself is failing: the run stops (the rerun resumes)
-            reason = f"download failed: {exc}"
-        sha = file_sha256(dest) if dest.exists() else None
-        if reason is None:
-            reason = header_reason(dest, inst)
-        entry = {"study_id": study_id, "sha256": sha, "model_digest": digest, "study_instance_uid": inst.study_instance_uid,
-                 "series_instance_uid": inst.series_instance_uid, "sop_instance_uid": inst.sop_instance_uid,
-                 "sop_class_uid": inst.sop_class_uid, "source_url": source.url, "written_back": False}
+    # WADO-RS retrievals overlap (one HTTP session, a few connections): the PACS answers while
+    # this process hashes and reads headers.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="wado") as pool:
+        fetched = list(pool.map(lambda i: _fetch(source, i, run_dir, max_bytes, digest), todo))
+    timings["fetch_s"] = time.perf_counter() - t0 - timings["query_s"]
+    t1 = time.perf_counter()
+    for entry, reason in fetched:
+        dest = run_dir / entry["study_id"]
         if reason is not None:
-            rejected.append((Study(study_id, dest, sha, reason), entry))
+            rejected.append((Study(entry["study_id"], dest, entry["sha256"], reason), entry))
             if dest.exists():  # kept aside: not in the folder the scorer reads
                 dest.rename(run_dir.parent / f"{stamp}-rejected-{dest.name}")
         rows.append(entry)
@@ -345,11 +389,13 @@ def score_dicomweb(params: Params, url: str, out_dir: Path, *, since: dt.date | 
     index = pd.concat([index, pd.DataFrame(rows, columns=INDEX_SCHEMA.names)], ignore_index=True)
     write_index(out_dir, index)  # before write-back: a kill after it stores the same UIDs again, harmlessly
 
+    timings["score_s"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
     stored = 0
     if write_back:
         from tasks.scoring.dicom_sink import write_back_index
 
-        stored = write_back_index(source, out_dir, scorer)
+        stored = write_back_index(source, out_dir, scorer, threads=FETCH_THREADS)
     atomic_write_json(out_dir / STATE_FILE, {"watermark": started.date().isoformat(), "source_url": source.url,
                                              "last_run": started.isoformat(), "model_digest": digest})
     n_rej_header = len(rejected)
@@ -357,6 +403,8 @@ def score_dicomweb(params: Params, url: str, out_dir: Path, *, since: dt.date | 
             "since": None if window is None else window.isoformat(), "instances_found": len(found),
             "already_scored_instances": len(found) - len(todo), "header_rejected": n_rej_header,
             "stored_back": stored, "model_digest": digest,
+            "seconds": {**{k: round(v, 3) for k, v in timings.items()},
+                        "write_back_s": round(time.perf_counter() - t2, 3)},
             "message": (summary.get("message", "no new instances to score") +
                         f"; {len(todo)} new instances from {source.url}, {n_rej_header} refused by header, "
                         f"{stored} result objects stored back")}

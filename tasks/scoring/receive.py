@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from io import BytesIO
 from pathlib import Path
 
@@ -62,5 +63,25 @@ def make_receiver(incoming: Path, *, host: str = "127.0.0.1", port: int = 11112,
 
 
 def serve_receiver(incoming: Path, *, host: str = "127.0.0.1", port: int = 11112, ae_title: str = "CXR") -> None:
+    """Serve until interrupted (Ctrl-C or SIGTERM end it quietly); a port it cannot bind is a DataError."""
+    import signal
+
+    from cxr.core.errors import DataError
+
+    try:
+        server = make_receiver(incoming, host=host, port=port, ae_title=ae_title, block=False)
+    except OSError as exc:
+        raise DataError(f"cannot listen for C-STORE on {host}:{port} ({exc.strerror or exc}); "
+                        "choose another --port or stop what holds it") from None
     print(f"receiving C-STORE as {ae_title} on {host}:{port} into {incoming}", flush=True)
-    make_receiver(incoming, host=host, port=port, ae_title=ae_title, block=True)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.shutdown()
+    print("receiver stopped", flush=True)

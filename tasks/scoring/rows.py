@@ -32,6 +32,9 @@ SCHEMA = pa.schema(
      # the weights have no gate or the file was never decoded) and whether the study was found
      # out of distribution (null when never checked).
      ("ood_score", pa.float32()), ("ood_flag", pa.bool_()),
+     # In plain words, when the study is out of distribution: what its scores are worth (the
+     # training data's kind decides the wording); null otherwise. For reports and the SR's text.
+     ("ood_statement", pa.string()),
      ("overlay", pa.string()), ("thumbnail", pa.string()), ("json", pa.string())]
 )
 
@@ -59,6 +62,8 @@ class ScoredStudy:
     ood: dict | None = field(default=None, repr=False)
     # The out-of-distribution verdict (None when the file was never decoded).
     verdict: OODVerdict | None = field(default=None, repr=False)
+    # The model's facts for reading the figures: probability_meaning, operating_point, thresholds.
+    meaning: dict | None = field(default=None, repr=False)
 
     def cams_for(self, classes, *, levels: bool = False) -> np.ndarray | None:
         """(T, h, w) float32 maps of the class indices `classes` on `display`'s grid; with
@@ -82,7 +87,9 @@ class ScoredStudy:
 
 def study_json(study: ScoredStudy) -> dict:
     """The per-study JSON: the row's facts, probabilities and flags by finding, each branch's
-    probabilities, the attention box in original pixels and the out-of-distribution verdict."""
+    probabilities, the attention box in original pixels, the out-of-distribution verdict (with
+    its plain-words `statement`), and what a probability means (`probability_meaning`), when a
+    finding is flagged (`operating_point`) and each finding's threshold (`thresholds`)."""
     facts = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in study.row.items()}
     facts["probabilities"] = {p: facts.pop(c) for p, c in zip(PATHOLOGIES, LABEL_COLUMNS)}
     facts["flags"] = {p: facts.pop(c) for p, c in zip(PATHOLOGIES, FLAG_COLUMNS)}
@@ -91,6 +98,7 @@ def study_json(study: ScoredStudy) -> dict:
     facts["attention_box"] = {"y0": facts.pop("box_y0"), "x0": facts.pop("box_x0"), "y1": facts.pop("box_y1"),
                               "x1": facts.pop("box_x1"), "units": "original image pixels, inclusive"}
     facts["ood"] = {**(study.ood or {}), "score": facts["ood_score"], "flag": facts["ood_flag"]}
+    facts.update(study.meaning or {})
     return facts
 
 
@@ -114,7 +122,8 @@ def read_scores(out_dir: Path) -> pd.DataFrame:
 
 
 def _read_table(path: Path) -> pa.Table:
-    """One scores file in SCHEMA; columns added since it was written (ood_score, ood_flag) read as null."""
+    """One scores file in SCHEMA; columns added since it was written (ood_score, ood_flag,
+    ood_statement) read as null."""
     table = pq.read_table(path)
     columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
                for f in SCHEMA]

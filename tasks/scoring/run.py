@@ -29,7 +29,9 @@ per-study files are discarded and the previous scores and report stay published.
 
 from __future__ import annotations
 
+import logging
 import secrets
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,10 +44,16 @@ import pyarrow.parquet as pq
 from cxr.core.atomic import atomic_path
 from cxr.core.config import Params
 from cxr.core.errors import DataError
+from cxr.core.progress import report
 from tasks.scoring.gates import validate_score_manifest, validate_scores
 from tasks.scoring.rows import SCHEMA, ScoredStudy, consolidate, read_scores
 from tasks.scoring.scorer import Scorer
 from tasks.scoring.studies import Study, list_studies, reason_of, row_key, row_keys, sha_or_reason
+
+log = logging.getLogger("cxr.score")
+# A progress line at most this often (plus the first and the last batch); the bar and the
+# Prefect progress artifact hear every batch.
+PROGRESS_LINE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,8 @@ def plan_scoring(params: Params, input_dir: Path, out_dir: Path, *, models_dir: 
         finally:
             gate.exception()  # wait for it either way: its result files are written whole
         gate.result()  # an unkeyable manifest stops the run here
+    log.info("manifest gate passed: %d files under %s (%d refused before reading)", len(files), input_dir,
+             sum(isinstance(r, str) for r in refused.values()))
     digest, entry = scorer.digest, scorer.threshold_entry
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(2)
 
@@ -130,6 +140,8 @@ def plan_scoring(params: Params, input_dir: Path, out_dir: Path, *, models_dir: 
                 "threshold": None if scorer.gate is None else float(scorer.gate.threshold)},
     }
     shards = [todo[i : i + s.batch_size] for i in range(0, len(todo), s.batch_size)]
+    log.info("scoring run %s: %d new studies in %d batches, %d already scored by model %s", run_id, len(todo),
+             len(shards), already, digest[:12])
     return ScorePlan(context, shards, summary, keys, scorer)
 
 
@@ -178,6 +190,7 @@ def run_shards(plan: ScorePlan, *, workers: int = 2, stop_after_batches: int | N
     out_dir, run_id, pictures = context.out_dir, context.run_id, context.params.score.pictures
     shards = plan.shards if stop_after_batches is None else plan.shards[:stop_after_batches]
     results: list[dict] = []
+    watch = _Watch(sum(len(b) for b in shards), len(shards))
     decoding: deque[list[Future]] = deque()
     writing: deque[tuple[int, list[ScoredStudy], list[Future]]] = deque()
     # Twice the writers: each study's three files are fsynced (cxr.core.atomic), and a writer
@@ -197,15 +210,38 @@ def run_shards(plan: ScorePlan, *, workers: int = 2, stop_after_batches: int | N
                                                 for st in scored]))
                 # Commit finished batches; wait only when `ahead` batches are already being written.
                 while writing and (len(writing) > ahead or all(f.done() for f in writing[0][2])):
-                    results.append(_commit_written(out_dir, run_id, writing.popleft()))
+                    results.append(watch.committed(_commit_written(out_dir, run_id, writing.popleft())))
             while writing:
-                results.append(_commit_written(out_dir, run_id, writing.popleft()))
+                results.append(watch.committed(_commit_written(out_dir, run_id, writing.popleft())))
         except BaseException:
             for futures in [*decoding, *(w[2] for w in writing)]:
                 for f in futures:
                     f.cancel()
             raise
     return results
+
+
+class _Watch:
+    """Progress of the pipelined shards: every batch reported, a log line now and then."""
+
+    def __init__(self, studies: int, batches: int):
+        self.total, self.batches, self.done, self.rejected = studies, batches, 0, 0
+        self.t0 = self.last_line = time.perf_counter()
+        if studies:
+            report("score", 0, studies, unit="studies", note="starting")  # the bar shows before the first batch
+
+    def committed(self, result: dict) -> dict:
+        self.done += result["scored"] + result["rejected"]
+        self.rejected += result["rejected"]
+        now = time.perf_counter()
+        rate = self.done / max(now - self.t0, 1e-9)
+        report("score", self.done, self.total, unit="studies", note=f"{rate:.1f} studies/s, {self.rejected} rejected")
+        batch = result["shard"] + 1
+        if batch in (1, self.batches) or now - self.last_line >= PROGRESS_LINE_S:
+            self.last_line = now
+            log.info("scored %d/%d studies (batch %d/%d, %d rejected so far), %.1f studies/s", self.done, self.total,
+                     batch, self.batches, self.rejected, rate)
+        return result
 
 
 def _queue_decode(pool: ThreadPoolExecutor, decoding: deque, shards, scorer: Scorer) -> None:
@@ -256,7 +292,15 @@ def finish_scoring(plan: ScorePlan, results: list[dict]) -> dict:
                           f"report.html are kept; this run's {new} rows were discarded and will be scored "
                           f"again next run): {reason_of(exc)}", where=exc.where)
         error.summary = getattr(exc, "summary", None)  # what the gate checked, for callers that record it
+        log.warning("scores gate failed for run %s: %d rows discarded, previous scores kept", run_id, new)
         raise error from None
+    log.info("scores gate passed: run %s published %d new rows (%d scored, %d rejected) into %s", run_id, new,
+             summary["scored"], summary["rejected"], out_dir / "scores.parquet")
+    # The run index beside the scores: counts and sort keys, so the app and the report page
+    # a run of any size without reading its whole table (tasks/scoring/run_index.py).
+    from tasks.scoring.run_index import update_index
+
+    update_index(out_dir)
     summary["studies"] = plan.keys
     return summary
 

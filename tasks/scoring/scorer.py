@@ -2,7 +2,9 @@
 deployment, the Dask shards, the web app and the evaluation's out-of-distribution report).
 
 Loaded once per process from one verified bundle (`tasks.bundle`): its weights, input
-geometry, operating thresholds and out-of-distribution gate, on the params' device. It turns
+geometry, probability calibration, operating thresholds (on the calibrated scale) and
+out-of-distribution gate, on the params' device. Every probability a study gets (fusion,
+global, local) is calibrated here, so every path that scores shows the same calibrated figures. It turns
 files into `ScoredStudy`s (`prepare`: the one loader and the precheck; `infer`: one batched
 forward and the verdict) and writes their per-study files (`write`).
 """
@@ -67,6 +69,19 @@ def batch_outputs(model, pixels: torch.Tensor, device) -> dict[str, torch.Tensor
 
 _LOADED: dict[tuple, "Scorer"] = {}  # this process's Scorer (one model per process)
 
+_RULES = {"youden": "Youden's J (the cut-off with the largest sensitivity + specificity - 1)",
+          "sensitivity": "the highest cut-off that still finds {target:.0%} of the validation split's positives"}
+
+
+def operating_point_sentence(entry: dict, score) -> str:
+    """In one sentence: when a finding is flagged, from a bundle's threshold entry."""
+    rule = _RULES.get(score.threshold_rule, score.threshold_rule).format(target=score.target_sensitivity)
+    fallback = [p for p, c in entry.get("classes", {}).items() if str(c.get("source", "")).startswith("fallback")]
+    extra = (f" {len(fallback)} finding(s) the validation split could not judge use {score.fallback_threshold:g}."
+             if fallback else "")
+    return (f"A finding is flagged when its probability reaches its own operating threshold, chosen on the "
+            f"validation split ({entry.get('valid_images', '?')} images) by {rule}.{extra}")
+
 
 class Scorer:
     """Loaded once per process from one bundle: weights, geometry, thresholds, gate, device.
@@ -89,6 +104,21 @@ class Scorer:
         self.limits = LoaderLimits(max_pixels=s.max_pixels, min_side=s.min_side)
         self.ood_mode: str = s.ood
         self.gate = bundle.gate()  # None for a bundle registered without a gate
+        self.calibration = bundle.calibration()  # the identity for a bundle registered without one
+        self.ood_statement: str = bundle.ood_statement()
+        self.meaning = {"probability_meaning": self.calibration.meaning(),
+                        "operating_point": operating_point_sentence(self.threshold_entry, s),
+                        "thresholds": dict(zip(PATHOLOGIES, (round(float(v), 6) for v in self.thresholds)))}
+
+    def calibrated(self, outs: dict) -> dict:
+        """`batch_outputs` with each branch's probabilities on the bundle's calibrated scale."""
+        return {**outs, **{b: torch.from_numpy(self.calibration.apply(b, outs[b])) for b in BRANCHES}}
+
+    def gate_parts(self, pooled, pixels) -> dict[str, np.ndarray] | None:
+        """The gate's distances per part for a batch (None without a gate)."""
+        if self.gate is None:
+            return None
+        return self.gate.components(pooled, pixels if self.gate.two_part else None)
 
     @property
     def entry(self) -> dict:
@@ -149,34 +179,55 @@ class Scorer:
         good = [s for s in studies if s.reason is None]
         results = {}
         if good:
-            outs = batch_outputs(self.model, torch.from_numpy(np.stack([s.pixels for s in good])), self.device)
-            distances = self.gate.score(outs["pooled"]) if self.gate is not None else None
+            pixels = np.stack([s.pixels for s in good])
+            outs = self.calibrated(batch_outputs(self.model, torch.from_numpy(pixels), self.device))
+            parts = self.gate_parts(outs["pooled"], pixels)
+            distances = self.gate.combine(parts) if parts is not None else None
             for i, study in enumerate(good):
                 verdict = ood_verdict(self.ood_mode, gate=self.gate,
                                       score=None if distances is None else float(distances[i]))
+                part = None if parts is None else {k: round(float(v[i]), 4) for k, v in parts.items()}
                 if verdict.refused_by:
                     study.reason = verdict.reason
-                    results[id(study)] = self._rejected(study, run_id, verdict)
+                    results[id(study)] = self._rejected(study, run_id, verdict, part)
                 else:
-                    results[id(study)] = self._scored(study, run_id, outs, i, verdict)
+                    results[id(study)] = self._scored(study, run_id, outs, i, verdict, part)
         return [results.get(id(s)) or self._rejected(s, run_id) for s in studies]
 
-    def _ood_facts(self, verdict: OODVerdict) -> dict:
+    def _ood_facts(self, verdict: OODVerdict, parts: dict | None = None) -> dict:
         gate = self.gate
-        return {"mode": self.ood_mode, "score": verdict.score, "threshold": None if gate is None else float(gate.threshold),
-                "method": None if gate is None else gate.method}
+        facts = {"mode": self.ood_mode, "score": verdict.score, "threshold": None if gate is None else float(gate.threshold),
+                 "method": None if gate is None else gate.method, "statement": self.statement(verdict)}
+        if parts is not None and gate is not None and gate.two_part:
+            facts["components"] = {
+                "features": {"distance": parts["features"], "threshold": round(gate.feature_threshold, 4)},
+                "image_statistics": {"distance": parts["image_statistics"], "threshold": round(gate.stats_threshold, 4)}}
+        return facts
 
-    def _rejected(self, study: Study, run_id: str, verdict: OODVerdict | None = None) -> ScoredStudy:
+    def statement(self, verdict: OODVerdict | None) -> str | None:
+        """The plain-words sentence above a study's probabilities (None when nothing is to be said)."""
+        if verdict is None or not verdict.flag:
+            return None
+        if verdict.refused_by == "precheck":
+            return "This file does not look like a chest radiograph; it was not scored."
+        if verdict.refused_by == "gate":
+            return f"{self.ood_statement} It was not scored."
+        return self.ood_statement
+
+    def _rejected(self, study: Study, run_id: str, verdict: OODVerdict | None = None,
+                  parts: dict | None = None) -> ScoredStudy:
         row = base_row(study, self.digest, run_id, "rejected")
         if verdict is None and study.shape is not None:  # decoded, then refused by the precheck
             verdict = ood_verdict(self.ood_mode, precheck=study.precheck)
         if study.shape is not None:
             row.update(image_height=study.shape[0], image_width=study.shape[1])
         if verdict is not None:
-            row.update(ood_score=verdict.score, ood_flag=verdict.flag)
-        return ScoredStudy(row, ood=self._ood_facts(verdict) if verdict is not None else None, verdict=verdict)
+            row.update(ood_score=verdict.score, ood_flag=verdict.flag, ood_statement=self.statement(verdict))
+        return ScoredStudy(row, ood=self._ood_facts(verdict, parts) if verdict is not None else None, verdict=verdict,
+                           meaning=self.meaning)
 
-    def _scored(self, study: Study, run_id: str, outs: dict, i: int, verdict: OODVerdict) -> ScoredStudy:
+    def _scored(self, study: Study, run_id: str, outs: dict, i: int, verdict: OODVerdict,
+                parts: dict | None = None) -> ScoredStudy:
         m, top_n = self.geometry, self.params.score.top_findings
         prob = outs["fusion"][i].numpy()
         flag = prob >= self.thresholds
@@ -191,7 +242,7 @@ class Scorer:
                    image_height=study.shape[0], image_width=study.shape[1], reason=verdict.reason,
                    flagged=", ".join(flagged), max_flagged_probability=float(prob[flag].max()) if flagged else None,
                    top_findings=", ".join(PATHOLOGIES[k] for k in top),
-                   ood_score=verdict.score, ood_flag=verdict.flag,
+                   ood_score=verdict.score, ood_flag=verdict.flag, ood_statement=self.statement(verdict),
                    overlay=f"overlays/{name}.png", thumbnail=f"thumbs/{name}.png")
         whole_input = (0, 0, m.image_size - 1, m.image_size - 1)
         return ScoredStudy(row, {b: outs[b][i].numpy() for b in BRANCHES}, study.display,
@@ -199,8 +250,8 @@ class Scorer:
                            cam_grid=outs["cams"][i].numpy(),
                            # The maps cover the network input, i.e. the centre crop of the resized
                            # image: that region of the picture (all of it when model.resize is unset).
-                           cam_region=input_box_to_image(whole_input, m, (dh, dw)), ood=self._ood_facts(verdict),
-                           verdict=verdict)
+                           cam_region=input_box_to_image(whole_input, m, (dh, dw)), ood=self._ood_facts(verdict, parts),
+                           verdict=verdict, meaning=self.meaning)
 
     # ------------------------------------------------------------------ outputs
 

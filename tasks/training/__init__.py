@@ -50,8 +50,12 @@ from tasks.training.distributed import (  # noqa: F401
 )
 from tasks.training.registration import (  # noqa: F401
     data_version,
+    training_data,
+    split_counts,
+    GATE_STATS_IMAGES,
     register,
     fit_model_gate,
+    validation_branch_predictions,
     validation_predictions,
     fit_thresholds,
     refit_thresholds,

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,7 @@ import torch
 
 from cxr.core.config import Params
 from cxr.core.errors import DataError
+from cxr.core.progress import report
 from models.agcnn import attention_crops
 from models.attention import attention_heatmap
 from tasks.images import cache_store
@@ -43,6 +46,8 @@ from tasks.images.image_cache import hash_sources, image_cache_serves, sources_d
 from tasks.images.loader import load_image_uint8
 from cxr.core.digest import file_sha256
 from tasks.bundle.weights import load_branch
+
+log = logging.getLogger("cxr.cache")
 
 FORMAT = 1
 VIEWS = 2  # 0: as stored, 1: horizontally mirrored
@@ -177,7 +182,9 @@ def _chunk_pixels(plan: CropCachePlan, ids: list[str]) -> tuple[list[np.ndarray 
 def build_crop_chunk(plan: CropCachePlan, i: int) -> dict:
     """Crops, boxes and pooled features of chunk `i`, in batches on the device."""
     if cache_store.chunk_done(plan.root, plan.key, i):
+        log.info("crop cache chunk %d/%d: already built (resumed)", i + 1, len(plan.chunks))
         return {"chunk": i, "skipped": True}
+    t0 = time.perf_counter()
     ids = list(plan.ids[i * plan.shard_images : (i + 1) * plan.shard_images])
     images, reasons = _chunk_pixels(plan, ids)
     good = torch.from_numpy(np.stack([p for p in images if p is not None])) if any(r is None for r in reasons) else None
@@ -204,6 +211,8 @@ def build_crop_chunk(plan: CropCachePlan, i: int) -> dict:
     arrays = {"crops": out["crops"] if out is not None else np.empty((0, VIEWS, plan.local_size, plan.local_size), np.uint8),
               "pooled": out["pooled"] if out is not None else np.empty((0, VIEWS, C), np.float32)}
     cache_store.write_chunk(plan.root, plan.key, i, rows, arrays, reasons)
+    log.info("crop cache chunk %d/%d: %d images cropped, %d rejected, %.1f s", i + 1, len(plan.chunks), int(ok.sum()),
+             int((~ok).sum()), time.perf_counter() - t0)
     return {"chunk": i, "skipped": False, "cached": int(ok.sum()), "rejected": int((~ok).sum())}
 
 
@@ -224,6 +233,7 @@ def build_crop_cache(params: Params, *, stop_after_chunks: int | None = None) ->
         if stop_after_chunks is not None and done >= stop_after_chunks:
             return {"stopped_after_chunks": done, "key": plan.key}
         build_crop_chunk(plan, i)
+        report("crop-cache", done + 1, len(plan.chunks), unit="chunks")
     return {**publish_crop_cache(plan), "up_to_date": False}
 
 
@@ -232,8 +242,10 @@ def ensure_crop_cache(params: Params) -> CacheReader:
     missing or stale."""
     plan = plan_crop_cache(params)
     if not plan.up_to_date:
+        log.info("crop cache %s is missing or stale: building %d chunks", plan.root, len(plan.chunks))
         for i in plan.chunks:
             build_crop_chunk(plan, i)
+            report("crop-cache", i + 1, len(plan.chunks), unit="chunks")
         publish_crop_cache(plan)
     reader = CacheReader(plan.root)
     if reader.key != plan.key:  # another build published in between: never use it silently

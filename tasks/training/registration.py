@@ -2,8 +2,10 @@
 
 Registration is where the model becomes data (`tasks.bundle`): the stage chain is checked
 (local trained on this global, fusion on both), the out-of-distribution gate is fitted on
-the train split's global features, the operating thresholds are chosen on the validation
-split under `score.threshold_rule`, and all of it is written as the bundle folder
+the train split's global features and the image statistics of its network inputs, the
+probability calibration (Platt scaling per branch and class, `tasks.bundle.calibration`) is
+fitted on the validation split, then the operating thresholds are chosen on the same split's
+calibrated probabilities under `score.threshold_rule`, and all of it is written as the bundle folder
 `paths.models/<digest>/`, listed in the registry and made current. Scoring never touches the
 training data afterwards.
 """
@@ -19,9 +21,10 @@ import torch
 from cxr.core.config import Params
 from cxr.core.digest import file_sha256, text_sha256
 from cxr.core.errors import DataError
-from cxr.core.labels import PATHOLOGIES, STAGES
+from cxr.core.labels import BRANCHES, PATHOLOGIES, STAGES
 from models.device import pick_device
 from tasks.bundle.bundle import Bundle, open_bundle, update_manifest, write_bundle
+from tasks.bundle.calibration import Calibration, fit_calibration
 from tasks.bundle.ood_gate import OODGate, fit_gate, save_gate
 from tasks.bundle.registry import add_bundle, load_bundle
 from tasks.bundle.thresholds import operating_thresholds, rule_key
@@ -37,6 +40,17 @@ def data_version(processed: Path, interim: Path) -> str:
     """Digest of the metadata, split and class weights a model was trained on."""
     paths = (Path(interim) / "metadata.parquet", Path(processed) / "splits.parquet", Path(processed) / "class_weights.json")
     return text_sha256(*(file_sha256(p) if p.exists() else "missing" for p in paths))
+
+
+def training_data(params: Params) -> dict:
+    """What the model learns from: {"kind": "synthetic" | "real", "source": ...}. Synthetic is
+    the demo: no `data.metadata`, and the images are the ones `cxr synth` rendered into
+    paths.raw (its Data_Entry_synth.csv beside them); anything else is taken to be real films."""
+    raw, images = Path(params.paths.raw), Path(params.paths.images)
+    if params.data.metadata is None and (raw / "Data_Entry_synth.csv").exists() and images.resolve() == (raw / "images").resolve():
+        return {"kind": "synthetic", "source": "synthetic chest radiographs rendered by `cxr synth` (the demo data)"}
+    source = Path(params.data.metadata).name if params.data.metadata is not None else f"the radiographs in {images.name}/"
+    return {"kind": "real", "source": f"real radiographs ({source})"}
 
 
 def _stage_facts(models_dir: Path) -> dict:
@@ -70,53 +84,104 @@ def register(params: Params) -> dict:
     device = pick_device(params.train.device)
     model = load_agcnn(models_dir, params.model).to(device)
     gate = fit_model_gate(params, digest)
-    thresholds = fit_thresholds(params, model, device)
+    thresholds = fit_thresholds(params, model, device)  # fits the calibration too (no bundle yet)
+    calibration = thresholds.pop("calibration", None)
     manifest = {"digest": digest, "backbone": params.model.backbone, "labels": labels,
                 "model": params.model.model_dump(mode="json"),
                 "training_data_version": data_version(params.paths.processed, params.paths.interim),
+                "training_data": {**training_data(params), "split": split_counts(params)},
                 "stages": stages, "thresholds": {thresholds["rule"]: thresholds},
-                "ood_gate": {"method": gate.method, "threshold": gate.threshold, "false_rejection": gate.false_rejection,
-                             "valid_false_rejection": gate.valid_false_rejection}}
+                "ood_gate": gate.summary()}
+    if calibration is not None:
+        manifest["calibration"] = calibration
     with tempfile.TemporaryDirectory(dir=models_dir, prefix=".gate.") as tmp:
         bundle = write_bundle(models_dir, models_dir, manifest, save_gate(Path(tmp), gate))
     add_bundle(models_dir, bundle)
     return bundle.manifest
 
 
+def split_counts(params: Params) -> dict:
+    """Images per split of the data the model was trained on."""
+    splits = read_splits(Path(params.paths.processed) / "splits.parquet")
+    return {k: int(v) for k, v in splits["split"].value_counts().sort_index().items()}
+
+
+#: At most this many images per split feed the gate's image statistics (seeded sample).
+GATE_STATS_IMAGES = 5000
+
+
+def _split_pixels(params: Params, split: str, limit: int) -> np.ndarray:
+    """(N, S, S) uint8 network inputs of (a seeded sample of at most `limit` images of) a split."""
+    paths = params.paths
+    splits = read_splits(Path(paths.processed) / "splits.parquet")
+    part = splits[splits["split"] == split]
+    if len(part) > limit:
+        part = part.sample(n=limit, random_state=params.seed)
+    meta = read_metadata(Path(paths.interim) / "metadata.parquet")
+    data = load_split(meta, part, split, Path(paths.images), params.model, Path(paths.cache) / "images")
+    return data.pixels.numpy()
+
+
 def fit_model_gate(params: Params, digest: str) -> OODGate:
-    """The out-of-distribution gate on the crop cache's global pooled features (the plain
-    view, as scoring sees it) of the train split, thresholded on the valid split."""
+    """The two-part out-of-distribution gate: the crop cache's global pooled features (the
+    plain view, as scoring sees it) and the image statistics of the network inputs of the train
+    split, thresholded on the valid split."""
     cache = ensure_crop_cache(params)  # already up to date after stage III; rebuilt if stale
     splits = read_splits(Path(params.paths.processed) / "splits.parquet")
     pooled = {}
     for split in ("train", "valid"):
         ids = [i for i in splits.loc[splits["split"] == split, "image_id"] if i in cache]
         pooled[split] = cache.get("pooled", cache.rows(ids))[:, 0] if ids else np.empty((0, 0), np.float32)
-    return fit_gate(pooled["train"], pooled["valid"], digest, params.score.ood_false_rejection)
+    return fit_gate(pooled["train"], pooled["valid"], digest, params.score.ood_false_rejection,
+                    train_pixels=_split_pixels(params, "train", GATE_STATS_IMAGES),
+                    valid_pixels=_split_pixels(params, "valid", 10**9))  # all of valid: the same images as `pooled`
 
 
-def validation_predictions(params: Params, model: torch.nn.Module, device: torch.device) -> tuple[np.ndarray, np.ndarray, str]:
-    """(labels (N, K), fusion probabilities (N, K), data version = digest of splits.parquet)."""
+def validation_branch_predictions(params: Params, model: torch.nn.Module,
+                                  device: torch.device) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
+    """(labels (N, K), {branch: raw probabilities (N, K)}, data version = digest of splits.parquet)."""
     paths = params.paths
     splits_path = Path(paths.processed) / "splits.parquet"
     meta = read_metadata(Path(paths.interim) / "metadata.parquet")
     valid = load_split(meta, read_splits(splits_path), "valid", Path(paths.images), params.model, Path(paths.cache) / "images")
-    probs = []
+    probs = {b: [] for b in BRANCHES}
     with torch.inference_mode():
         for start in range(0, len(valid.ids), params.score.batch_size):
             out = model(to_input(valid.pixels[start : start + params.score.batch_size], device))
-            probs.append(torch.sigmoid(out.fusion_logits.float()).cpu())
-    return valid.labels.numpy(), torch.cat(probs).numpy(), file_sha256(splits_path)
+            for b, logits in zip(BRANCHES, (out.global_logits, out.local_logits, out.fusion_logits)):
+                probs[b].append(torch.sigmoid(logits.float()).cpu())
+    return valid.labels.numpy(), {b: torch.cat(v).numpy() for b, v in probs.items()}, file_sha256(splits_path)
 
 
-def fit_thresholds(params: Params, model: torch.nn.Module, device: torch.device) -> dict:
-    """The thresholds under the params' rule from the validation split:
-    {rule, data_version, valid_images, classes: {pathology: {threshold, source, ...}}}."""
-    y, p, version = validation_predictions(params, model, device)
+def validation_predictions(params: Params, model: torch.nn.Module, device: torch.device,
+                           calibration: Calibration | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(labels (N, K), fusion probabilities (N, K), data version = digest of splits.parquet);
+    with `calibration`, the probabilities on its scale (the one thresholds are chosen on)."""
+    y, probs, version = validation_branch_predictions(params, model, device)
+    p = probs["fusion"] if calibration is None else calibration.apply("fusion", probs["fusion"])
+    return y, p, version
+
+
+def fit_thresholds(params: Params, model: torch.nn.Module, device: torch.device,
+                   calibration: Calibration | None = None) -> dict:
+    """The thresholds under the params' rule from the validation split's calibrated fusion
+    probabilities: {rule, data_version, valid_images, scale, classes: {pathology: {threshold,
+    source, ...}}}. Without `calibration` (registering) the calibration is fitted on the same
+    predictions first and returned under the key "calibration" (for the manifest)."""
+    y, probs, version = validation_branch_predictions(params, model, device)
+    entry = None
+    if calibration is None:
+        entry = fit_calibration(y, probs)
+        calibration = Calibration.from_manifest(entry)
+    p = calibration.apply("fusion", probs["fusion"])
     s = params.score
     per_class = operating_thresholds(y, p, s.threshold_rule, s.target_sensitivity, s.fallback_threshold)
-    return {"rule": rule_key(s), "data_version": version, "valid_images": int(len(y)),
-            "classes": dict(zip(PATHOLOGIES, per_class))}
+    out = {"rule": rule_key(s), "data_version": version, "valid_images": int(len(y)),
+           "scale": "raw" if calibration.is_identity else f"calibrated ({calibration.method})",
+           "classes": dict(zip(PATHOLOGIES, per_class))}
+    if entry is not None:
+        out["calibration"] = entry
+    return out
 
 
 def refit_thresholds(params: Params, ref: str) -> Bundle:
@@ -126,7 +191,8 @@ def refit_thresholds(params: Params, ref: str) -> Bundle:
     geometry = bundle.model
     device = pick_device(params.train.device)
     model = bundle.agcnn().to(device)
-    entry = fit_thresholds(params.model_copy(update={"model": geometry}), model, device)
+    # On the bundle's own calibrated scale (the identity for a bundle registered without one).
+    entry = fit_thresholds(params.model_copy(update={"model": geometry}), model, device, bundle.calibration())
     return update_manifest(bundle, thresholds={**bundle.manifest.get("thresholds", {}), entry["rule"]: entry})
 
 

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from cxr.core.atomic import atomic_path, atomic_write_json
 from cxr.core.config import Params
 from cxr.core.errors import DataError
+from cxr.core.progress import report
 from models.branch import build_branch
 from models.fusion import FusionHead
 from models.agcnn import attention_crops
@@ -321,7 +322,7 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
         torch.set_rng_state(ckpt["rng"])
         start, best_auroc, best_epoch = ckpt["epoch"] + 1, ckpt["best_auroc"], ckpt["best_epoch"]
         history, best_state = json.loads(ckpt["history"]), ckpt["best_model"]
-        log.info("resuming stage %s after epoch %d", stage, ckpt["epoch"])
+        log.info("resuming stage %s after epoch %d/%d", stage, ckpt["epoch"] + 1, sp.epochs)
     elif ckpt is not None:
         log.info("checkpoint %s was made for other params or inputs; starting over", ckpt_path)
     if stage == "fusion" and start == 0:
@@ -330,6 +331,7 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
         best_epoch, best_state = -1, copy.deepcopy({k: v.cpu() for k, v in model.trainable.state_dict().items()})
         history = [{"epoch": -1, "start": "ensemble of the global and local heads", "valid_mean_auroc": best_auroc}]
         best_auroc = best_auroc if np.isfinite(best_auroc) else -1.0
+        log.info("stage fusion start (ensemble of the global and local heads): valid mean AUROC %.4f", history[0]["valid_mean_auroc"])
     core = model.trainable  # the unwrapped module: what is saved and restored
     if world > 1:
         # DDP averages gradients across ranks in backward; wrapping after the resume keeps
@@ -371,7 +373,11 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
         if np.isfinite(valid_auroc) and valid_auroc > best_auroc or best_state is None:
             best_auroc, best_epoch = (valid_auroc if np.isfinite(valid_auroc) else best_auroc), epoch
             best_state = copy.deepcopy({k: v.cpu() for k, v in core.state_dict().items()})
-        log.info("stage %s epoch %d: loss %.4f, valid mean AUROC %.4f", stage, epoch, record["loss"], valid_auroc)
+        # The line the Prefect UI shows per epoch (1-based, as the progress bar counts).
+        log.info("stage %s epoch %d/%d: loss %.4f, valid mean AUROC %.4f, %.1f s", stage, epoch + 1, sp.epochs,
+                 record["loss"], valid_auroc, record["seconds"])
+        report(f"train-{stage}", epoch + 1, sp.epochs, unit="epochs",
+               note=f"loss {record['loss']:.4f}, valid mean AUROC {valid_auroc:.4f}")
         if lead:
             _save_checkpoint(ckpt_path, {
                 "fingerprint": fingerprint, "epoch": epoch, "model": core.state_dict(),
@@ -383,7 +389,7 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             return {"stage": stage, "stopped_after_epoch": epoch}
         if patience_spent(epoch, best_epoch, sp.patience):
-            log.info("stage %s: no better validation AUROC for %d epochs; stopping after epoch %d", stage, sp.patience, epoch)
+            log.info("stage %s: no better validation AUROC for %d epochs; stopping after epoch %d", stage, sp.patience, epoch + 1)
             stopped_early = True
 
     core.load_state_dict(best_state)
@@ -397,6 +403,8 @@ def train_stage(params: Params, stage: str, *, progress: bool = True, stop_after
                 "fingerprint": fingerprint, "upstream": {p.stem: file_sha256(p) for p in upstream},
                 **({"crop_cache": crop_key} if crop_key else {})}
     digest = save_weights(core, models_dir / f"{stage}.safetensors", metadata)
+    log.info("stage %s done: kept %s, valid mean AUROC %.4f; weights %s", stage,
+             "the ensemble start" if best_epoch < 0 else f"epoch {best_epoch + 1}", best_auroc, models_dir / f"{stage}.safetensors")
     per_class = auroc_per_class(valid.labels.numpy(), predict(model, valid, device, sp.batch_size))
     summary = {
         "stage": stage, "device": device.type, "processes": world, "epochs": sp.epochs, "best_epoch": best_epoch,
