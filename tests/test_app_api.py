@@ -287,7 +287,8 @@ def test_without_pixels_no_picture_of_an_upload_is_kept(served):
         for picture in ("radiograph.png", "crop.png", "cam-0.png", "overlay.png"):
             assert client.get(f"{body['page']}/{picture}").status_code == 404
     kept = sorted(p.relative_to(store).parts[0] for p in store.rglob("*") if p.is_file())
-    assert set(kept) <= {"studies", "parts", "scores.parquet"}, kept
+    # scores_index.parquet: the run's row index for paging (keys, sort columns, counts), no pixels.
+    assert set(kept) <= {"studies", "parts", "scores.parquet", "scores_index.parquet"}, kept
 
 
 def test_a_run_larger_than_a_page_is_paged_and_sorted_on_the_server(served):

@@ -97,7 +97,9 @@ def watched(workspace, sliced, tmp_path_factory, prefect_server):
 
 def test_the_train_runs_logs_hold_one_line_per_epoch_with_loss_and_auroc(watched):
     run_id = watched["train_run"]
-    logs = _run_logs(run_id, lambda ls: sum(bool(EPOCH_LINE.match(l.message)) for l in ls) >= 2)
+    # Wait for the stage's last line too: the API handler sends in batches, in the background.
+    logs = _run_logs(run_id, lambda ls: sum(bool(EPOCH_LINE.match(l.message)) for l in ls) >= 2
+                     and any(l.message.startswith("stage global done: kept epoch") for l in ls))
     epochs = [EPOCH_LINE.match(l.message) for l in logs if l.name == "cxr.train" and EPOCH_LINE.match(l.message)]
     assert [int(m.group(1)) for m in epochs] == [1, 2], [l.message for l in logs]
     history = watched["summary"]["history"]
