@@ -30,6 +30,7 @@ benchmarks/results/app_paging.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import concurrent.futures as cf
 import os
 import signal
@@ -146,23 +147,8 @@ def paging(n: int, repeats: int = 7) -> None:
             index_s[name] = round(time.perf_counter() - start, 3)
         params_file = tmp / "params.yaml"
         params_file.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False))
-        port = _free_port()
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        env.pop("CXR_APP_TOKEN", None)
-        server = subprocess.Popen([str(Path(sys.executable).parent / "cxr"), "--params", str(params_file), "app",
-                                   "--port", str(port)], cwd=ROOT, env=env)
-        url = f"http://127.0.0.1:{port}"
         result = {}
-        try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if server.poll() is not None:
-                    raise SystemExit(f"cxr app exited with {server.returncode}")
-                time.sleep(0.2)
+        with served_app(params_file) as url:
             with httpx.Client(base_url=url, timeout=120) as client:
                 for run in ("big", "inparts"):
                     paths = {"run_page": f"/runs/{run}", "api_first_page": f"/api/v1/runs/{run}/studies?limit=100",
@@ -184,9 +170,6 @@ def paging(n: int, repeats: int = 7) -> None:
                     timings["study_page"] = {"first_s": round(cold, 3), "status": response.status_code}
                     result[run] = {"total": body["total"], "run_page_rows_shown": rows_shown, "timings": timings,
                                    "has_next_link": 'rel="next"' in page}
-        finally:
-            server.send_signal(signal.SIGINT)
-            server.wait(timeout=60)
     worst = max(result[r]["timings"][k]["first_s"] for r in result for k in ("run_page", "api_first_page"))
     publish("app_paging", {
         "what": f"a synthetic run of {n:,} studies served by the real `cxr app` (2-core shared machine); 'big' is "
@@ -202,6 +185,32 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served_app(params_file: Path):
+    """The real `cxr --params FILE app` on a free loopback port, once /healthz answers; yields its
+    base URL and stops it with SIGINT (a clean shutdown) on the way out."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("CXR_APP_TOKEN", None)
+    server = subprocess.Popen([str(Path(sys.executable).parent / "cxr"), "--params", str(params_file), "app",
+                               "--port", str(port)], cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None:
+                raise SystemExit(f"cxr app exited with {server.returncode}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)
 
 
 def _post(client: httpx.Client, path: Path) -> tuple[float, int]:
@@ -249,22 +258,7 @@ def main() -> None:
         params_file = tmp / "params.yaml"
         params_file.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False))
 
-        port = _free_port()
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        env.pop("CXR_APP_TOKEN", None)
-        server = subprocess.Popen([str(Path(sys.executable).parent / "cxr"), "--params", str(params_file), "app",
-                                   "--port", str(port)], cwd=ROOT, env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if server.poll() is not None:
-                    raise SystemExit(f"cxr app exited with {server.returncode}")
-                time.sleep(0.2)
+        with served_app(params_file) as url:
             warm, timed = inputs[:10], inputs[10 : 10 + args.latency]
             rest = inputs[10 + args.latency : 10 + args.latency + args.concurrent]
             with httpx.Client(base_url=url, timeout=300) as client:
@@ -281,9 +275,6 @@ def main() -> None:
             groups = [rest[i :: args.clients] for i in range(args.clients)]
             concurrent_wall, more = _clients(url, groups)
             health2 = httpx.get(f"{url}/healthz").json()
-        finally:
-            server.send_signal(signal.SIGINT)
-            server.wait(timeout=60)
         codes += more
         assert not [c for c in codes if c != 200], sorted(set(codes))
         single = len(timed) / single_wall

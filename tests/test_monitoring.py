@@ -18,7 +18,6 @@ import pty
 import re
 import shutil
 import struct
-import subprocess
 import termios
 import threading
 import time
@@ -129,21 +128,14 @@ def test_the_cache_runs_logs_say_done_of_total_chunks(watched):
 
 
 def test_the_train_run_page_shows_the_epoch_lines_in_chromium(watched, prefect_server):
-    from tests.test_prefect_ui import CHROMIUM, OUTPUT
+    from tests.test_prefect_ui import CHROMIUM, OUTPUT, flow_run_page
 
     if not Path(CHROMIUM).exists():
         pytest.fail("chromium is missing: `make test` installs it (scripts/install-chromium.sh)")
-    url = f"{prefect_server.removesuffix('/api')}/runs/flow-run/{watched['train_run']}"
-    OUTPUT.mkdir(exist_ok=True)
     shot = OUTPUT / "prefect-ui-train-run-logs.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={watched['root'] / 'chromium'}", "--window-size=1400,1000", "--virtual-time-budget=20000"]
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert re.search(r"stage global epoch 1/2: loss \d+\.\d+, valid mean AUROC", dom.stdout), \
+    dom = flow_run_page(prefect_server, watched["train_run"], watched["root"] / "chromium", shot)
+    assert re.search(r"stage global epoch 1/2: loss \d+\.\d+, valid mean AUROC", dom), \
         "the run page's logs do not show the epoch lines"
-    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=180, check=True)
     assert shot.exists() and shot.stat().st_size > 10_000
 
 

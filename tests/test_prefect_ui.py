@@ -23,6 +23,20 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 OUTPUT = ROOT / "tests" / "output"
 
 
+def flow_run_page(api_url: str, flow_run_id, profile: Path, shot: Path) -> str:
+    """The Prefect UI's page of a flow run as headless Chromium renders it: returns its DOM and
+    saves a screenshot at `shot` (`profile`: the browser's own user-data folder)."""
+    url = f"{api_url.removesuffix('/api')}/runs/flow-run/{flow_run_id}"
+    shot.parent.mkdir(exist_ok=True)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--window-size=1400,1000", "--virtual-time-budget=20000"]
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=180, check=True)
+    return dom.stdout
+
+
 def _params_file(params, path: Path, **extra) -> Path:
     data = params.model_dump(mode="json", by_alias=True)
     data["paths"]["roots"] = list(data["paths"]["roots"]) + [str(path.parent)]
@@ -137,18 +151,10 @@ def test_flow_runs_task_runs_and_artifacts_through_the_api(scoring_run):
 def test_ui_page_of_the_scoring_run_renders_in_chromium(scoring_run, prefect_server):
     if not Path(CHROMIUM).exists():
         pytest.fail("chromium is missing: `make test` installs it (scripts/install-chromium.sh)")
-    ui = prefect_server.removesuffix("/api")
-    url = f"{ui}/runs/flow-run/{scoring_run['summary']['flow_run_id']}"
-    OUTPUT.mkdir(exist_ok=True)
     shot = OUTPUT / "prefect-ui-scoring-run.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={scoring_run['root'] / 'chromium'}", "--window-size=1400,1000", "--virtual-time-budget=20000"]
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180)
-    assert dom.returncode == 0, dom.stderr[-2000:]
+    dom = flow_run_page(prefect_server, scoring_run["summary"]["flow_run_id"], scoring_run["root"] / "chromium", shot)
     run = _api(lambda c: c.read_flow_run(scoring_run["summary"]["flow_run_id"]))
-    assert run.name in dom.stdout, "the flow run's page did not render its name"
-    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=180, check=True)
+    assert run.name in dom, "the flow run's page did not render its name"
     assert shot.exists() and shot.stat().st_size > 10_000
 
 
