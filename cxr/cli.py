@@ -195,6 +195,12 @@ def _run(args: argparse.Namespace) -> dict | list:
         # Bad input is refused before Prefect is imported or a server started: the same gate
         # the run applies (the run then reuses its verdict).
         _check_input(args, params)
+    if args.command == "score" and args.dicomweb:
+        # A stopped PACS or refused credentials are said before Prefect starts (seconds).
+        from tasks.scoring.dicomweb import DicomWebSource, credentials_to_env, scrub_url
+
+        credentials_to_env(args.dicomweb)
+        DicomWebSource(scrub_url(args.dicomweb)).check()
     # Prefect is imported only once arguments, params and inputs are known good: it costs seconds.
     from flows import data
 
@@ -226,11 +232,8 @@ def _run(args: argparse.Namespace) -> dict | list:
         from tasks.scoring.dicomweb import scrub_url
 
         since = _dt.date.fromisoformat(args.since) if args.since else None
-        from tasks.scoring.dicomweb import credentials_to_env
-
         # The flow (and the Prefect UI) sees the URL without credentials; the source reads them
-        # from the environment (user:password@ in the URL moves there, in this process only).
-        credentials_to_env(args.dicomweb)
+        # from the environment (user:password@ in the URL moved there above, in this process only).
         return pacs_scoring_flow(params, scrub_url(args.dicomweb), args.out or paths.reports / "scoring", since)
     if args.command == "score":
         from flows.score import score, terminal_progress

@@ -338,6 +338,24 @@ def test_cli_score_dicomweb_wrong_password(orthanc, pacs, pacs_params, tmp_path)
     assert wrong not in text and orthanc["password"] not in text
 
 
+def test_cli_score_dicomweb_refuses_a_bad_url_or_a_stopped_pacs_before_prefect(tmp_path):
+    """No Prefect server is given: the answer comes from the preflight query, in seconds."""
+    import time
+
+    from tests.conftest import run_cxr
+
+    env = {"PREFECT_API_URL": "http://127.0.0.1:9/api"}  # would fail loudly if a run started
+    for url, says in (("not-a-url", "is not a DICOMweb URL"),
+                      (f"http://u:pw-{secrets.token_hex(4)}@127.0.0.1:{_free_port()}/dicom-web", "unreachable")):
+        t0 = time.time()
+        result = run_cxr("score", "--dicomweb", url, "--out", str(tmp_path / "out"), env=env, timeout=120)
+        assert result.returncode == 2, result.stderr[-2000:]
+        text = result.stdout + result.stderr
+        assert "Traceback" not in text and says in text and text.count("cxr score: error:") == 1
+        assert "pw-" not in text and not (tmp_path / "out").exists()
+        assert time.time() - t0 < 30
+
+
 def test_c_store_receiver(tmp_path):
     from pynetdicom import AE
     from pynetdicom.sop_class import BasicTextSRStorage, DigitalXRayImageStorageForPresentation

@@ -86,6 +86,9 @@ class DicomWebSource:
     def __init__(self, url: str, *, user: str | None = None, password: str | None = None, token: str | None = None,
                  retries: int = 3, backoff: float = 0.5, timeout: float = 30.0):
         parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise DataError("is not a DICOMweb URL: give its root as http(s)://host[:port]/path "
+                            "(for Orthanc with its DICOMweb plugin, http://host:8042/dicom-web)", where=scrub_url(url))
         user = user or parts.username and _unquote(parts.username) or os.environ.get("CXR_DICOMWEB_USER")
         password = password or parts.password and _unquote(parts.password) or os.environ.get("CXR_DICOMWEB_PASSWORD")
         token = token or os.environ.get("CXR_DICOMWEB_TOKEN")
@@ -123,6 +126,8 @@ class DicomWebSource:
                     time.sleep(self.backoff * 2 ** attempt)
                     continue
                 raise self._fail(f"{what}, after {self.retries + 1} attempts") from None
+            except requests.RequestException as exc:  # a URL requests cannot use: not worth a retry
+                raise self._fail(f"cannot be asked ({type(exc).__name__})") from None
             if response.status_code >= 500:
                 if attempt < self.retries:
                     log.warning("%s: HTTP %d; retry %d of %d", self.url, response.status_code, attempt + 1, self.retries)
@@ -144,6 +149,11 @@ class DicomWebSource:
         if response.status_code == 204 or not response.content:
             return []
         return response.json()
+
+    def check(self) -> None:
+        """One small query: a stopped server or refused credentials raise their DataError now,
+        before a run is started (the same messages the run would give)."""
+        self.qido("studies", {"limit": "1"})
 
     # ------------------------------------------------------------------ QIDO-RS
 

@@ -75,13 +75,14 @@ def serve_receiver(incoming: Path, *, host: str = "127.0.0.1", port: int = 11112
                         "choose another --port or stop what holds it") from None
     print(f"receiving C-STORE as {ae_title} on {host}:{port} into {incoming}", flush=True)
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Both signals set the event: a process started with SIGINT ignored (under nohup, or by a
+    # supervisor that ignores it) gets no KeyboardInterrupt, and Ctrl-C must still stop it.
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not stop.wait(0.5):
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         server.shutdown()
     print("receiver stopped", flush=True)
