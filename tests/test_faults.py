@@ -136,3 +136,16 @@ def test_full_disk_keeps_previous_output_and_says_so(workspace, tiny_disk, prefe
     assert "Traceback" not in result.stderr
     assert (out / "splits.parquet").read_bytes() == previous
     assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_atomic_outputs_get_the_mode_of_any_other_file(tmp_path):
+    """Not mkstemp's owner-only 0600: what the umask gives a plain open(), for colleagues and servers."""
+    from cxr.core.atomic import atomic_path, atomic_write_bytes
+
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")
+    atomic_write_bytes(tmp_path / "a.bin", b"x")
+    with atomic_path(tmp_path / "b.parquet") as tmp:
+        tmp.write_bytes(b"y")
+    for name in ("a.bin", "b.parquet"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

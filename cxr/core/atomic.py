@@ -14,6 +14,17 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp makes owner-only (0600) files; an output gets the mode any other file would (0644
+# under the usual umask), so a colleague, the web server's user or a DVC share can read it.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _fsync_dir(directory: Path) -> None:
     # The rename is only durable once the directory entry itself is on disk.
     try:
@@ -38,7 +49,10 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
