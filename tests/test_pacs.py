@@ -660,3 +660,97 @@ def test_the_fast_report_is_the_highdicom_report(shape):
         row2 = {**row, "reason": "download failed: HTTP 404 Not Found (a reason of another length)"}
         assert round_trip(fast_structured_report(header, row2, thresholds, digest)) == \
             round_trip(structured_report(header, row2, thresholds, digest))
+
+
+def _headers() -> dict[str, Dataset]:
+    """Source headers unlike each other in what highdicom reads or copies: the real MONOCHROME1
+    CR (JPEG), a DX, a CR in Latin-1 with accents in its names, one without accession number
+    and with an empty birth date, and a CR alike the first but for its identity."""
+    real = pydicom.dcmread(STUDIES / "Fake_MONOHR1.dcm", stop_before_pixels=True)
+    png = np.asarray(Image.open(STUDIES / "00000001_000.png").convert("L"))
+    dx = _dataset(png[:300, :200], modality="DX", sop_class=DX_CLASS, body_part="CHEST", patient="DX1")
+    latin = _dataset(png, modality="CR", sop_class=CR_CLASS, body_part="CHEST", patient="LAT1")
+    latin.SpecificCharacterSet = "ISO_IR 100"
+    latin.PatientName, latin.ReferringPhysicianName = "Müller^Jörg", "Ærø^Søren"
+    sparse = _dataset(png, modality="CR", sop_class=CR_CLASS, body_part="CHEST", patient="SP1")
+    del sparse.AccessionNumber
+    sparse.PatientBirthDate = ""
+    twin = real.copy()
+    twin.SOPInstanceUID, twin.StudyInstanceUID, twin.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    twin.PatientID, twin.PatientName, twin.StudyDate, twin.StudyTime = "TWIN-7", "Twin^Other", "20240229", "235959"
+    twin.PatientAge = "061Y" if twin.get("PatientAge") != "061Y" else "062Y"  # copied, never decided on
+    headers = {"real": real, "dx": dx, "latin": latin, "sparse": sparse, "twin": twin}
+    for name, ds in headers.items():
+        if name != "real":  # as a downloaded header is: read back from its file, without pixels
+            ds = pydicom.dcmread(BytesIO(_bytes(ds)), stop_before_pixels=True)
+        headers[name] = ds
+    return headers
+
+
+from io import BytesIO  # noqa: E402
+
+
+def test_the_fast_objects_are_highdicoms_objects(tmp_path):
+    """The write-back's SR, Secondary Capture and presentation state (templates made by
+    highdicom once per kind of source, the instance's values written into their encoding)
+    equal highdicom's own build of each, element for element and in their file meta, for
+    sources unlike each other; a source alike another in all highdicom reads reuses its
+    template; the build times are the time now."""
+    from cxr.core.labels import LABEL_COLUMNS
+    from tasks.scoring.dicom_sink import encoded_results, forget_result_templates, result_datasets, result_templates
+    from tasks.scoring.overlay import render_overlay, save_png
+
+    rng = np.random.default_rng(7)
+    thresholds, digest = rng.random(14), "e" * 64
+    now = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime", "DateOfSecondaryCapture",
+           "TimeOfSecondaryCapture", "PresentationCreationDate", "PresentationCreationTime")
+    ignore = now
+    overlay = "overlays/x.png"
+    (tmp_path / "overlays").mkdir()
+    gray = rng.random((96, 80))
+    save_png(render_overlay(gray, (10, 12, 60, 50), rng.random((2, 96, 80)), ["a", "b", "c"]), tmp_path / overlay)
+
+    def read(data: bytes) -> Dataset:
+        ds = pydicom.dcmread(BytesIO(data))
+        for keyword in ignore:
+            ds.pop(keyword, None)
+        for item in ds.get("ContributingEquipmentSequence", []):
+            if item.PurposeOfReferenceCodeSequence[0].CodeValue == "109102":  # highdicom's: the build's time
+                assert item.ContributionDateTime[:8] == dt.date.today().strftime("%Y%m%d")
+                del item.ContributionDateTime
+        return ds
+
+    forget_result_templates()
+    for name, header in _headers().items():
+        row = {c: float(p) for c, p in zip(LABEL_COLUMNS, rng.random(14))}
+        row.update({f"{c}_flag": bool(row[c] > 0.5) for c in LABEL_COLUMNS})
+        row.update(status="scored", reason=None, ood_score=float(rng.random() * 40), ood_flag=bool(name == "latin"),
+                   overlay=overlay, box_y0=3.0, box_x0=7.0, box_y1=float(header.Rows - 9), box_x1=float(header.Columns - 2))
+        fast = encoded_results(header, row, tmp_path, thresholds, digest)
+        full = [_bytes(ds) for ds in result_datasets(header, row, tmp_path, thresholds, digest)]
+        assert len(fast) == len(full) == 3, name
+        for data, reference in zip(fast, full):
+            a, b = read(data), read(reference)
+            assert a == b, (name, a.SOPClassUID, [e.keyword for e in b if e.tag not in a or a[e.tag] != e])
+            assert a.file_meta == b.file_meta, name
+            when = pydicom.dcmread(BytesIO(data))
+            assert when.InstanceCreationDate == dt.date.today().strftime("%Y%m%d"), name
+        if name == "latin":
+            assert str(read(fast[0]).PatientName) == "Müller^Jörg"
+    # One template per kind for the real CR and its twin; the other sources differ in what highdicom reads.
+    assert result_templates() == {"sr": 4, "sc": 4, "pr": 4}
+
+
+def test_the_overlay_is_read_back_as_pillow_reads_it(tmp_path):
+    """The Secondary Capture's pixels: the scorer's Up-filtered PNG decoded by the fast path,
+    any other PNG by Pillow; the same pixels either way."""
+    from tasks.scoring.dicom_sink import overlay_pixels, up_filtered_rgb
+    from tasks.scoring.overlay import save_png
+
+    rgb = np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    save_png(rgb, tmp_path / "ours.png")
+    Image.fromarray(rgb).save(tmp_path / "pillow.png", optimize=True)  # adaptive filters
+    assert up_filtered_rgb((tmp_path / "ours.png").read_bytes()) is not None
+    assert up_filtered_rgb((tmp_path / "pillow.png").read_bytes()) is None
+    for name in ("ours.png", "pillow.png"):
+        assert np.array_equal(overlay_pixels(tmp_path / name), rgb)

@@ -219,16 +219,19 @@ class DicomWebSource:
 
     # ------------------------------------------------------------------ STOW-RS
 
-    def store(self, datasets: list[pydicom.Dataset], study_uid: str) -> None:
-        """STOW-RS the datasets into the study (one multipart request)."""
+    def store(self, objects: list, study_uid: str) -> None:
+        """STOW-RS the objects into the study, in one multipart request. Each is a DICOM file's
+        bytes (sent as they are) or a pydicom dataset (encoded as a file here)."""
         from io import BytesIO
 
         boundary = secrets.token_hex(16)
         chunks = []
-        for ds in datasets:
-            buf = BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
-            chunks += [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(), buf.getvalue(), b"\r\n"]
+        for obj in objects:
+            if not isinstance(obj, (bytes, bytearray, memoryview)):
+                buf = BytesIO()
+                obj.save_as(buf, enforce_file_format=True)
+                obj = buf.getvalue()
+            chunks += [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(), obj, b"\r\n"]
         chunks.append(f"--{boundary}--\r\n".encode())
         self.request("POST", f"studies/{study_uid}", data=b"".join(chunks), headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
