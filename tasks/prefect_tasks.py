@@ -10,16 +10,21 @@ process that runs these tasks, Dask workers included):
     PREFECT_LOGGING_EXTRA_LOGGERS=cxr would add, but regardless of whether Prefect was
     imported before the variable was set); outside a run the handler stays silent;
   * progress reports (`cxr.core.progress`: training epochs, cache chunks, scoring batches)
-    update one Prefect progress artifact per run and piece of work, e.g. `cxr-train-global`.
+    update one Prefect progress artifact per run and piece of work, e.g. `cxr-train-global`;
+  * the ingest and split tasks say their Great Expectations gate's verdict as one line of
+    the run's logs (`cxr.gates`), passed or failed, with the expectations met and the Data Docs.
 The terminal is the CLI's business (`cxr.cli._terminal_logging` keeps it quiet by default).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -112,9 +117,60 @@ progress_artifacts = ProgressArtifacts()
 add_listener(progress_artifacts)
 
 
+gate_log = logging.getLogger("cxr.gates")
+
+
+def _results(summary: dict | None, validation_json: Path) -> list[tuple[str, bool]] | None:
+    """(expectation, met) of a suite run: from a failed gate's summary, else from the result
+    JSON the passed run just wrote (rewritten atomically at every run, so never an old one)."""
+    if summary is not None:
+        return [(r["description"] or r["expectation"], bool(r["success"])) for r in summary["results"]]
+    if not validation_json.exists():
+        return None
+    payload = json.loads(validation_json.read_text())
+    return [(r["expectation_config"].get("description") or r["expectation_config"]["type"], bool(r["success"]))
+            for r in payload["results"]]
+
+
+@contextmanager
+def _gate_verdict(suite: str, validation_dir: Path):
+    """Say the GE suite `suite`'s verdict once the work in the block has run it."""
+    validation_dir = Path(validation_dir).resolve()
+    try:
+        yield
+    except DataError as exc:
+        summary = getattr(exc, "summary", None)
+        if summary is not None:  # None: refused before the suite ran; the failure says why
+            _say_verdict(suite, _results(summary, validation_dir), validation_dir, passed=False)
+        raise
+    _say_verdict(suite, _results(None, validation_dir / f"{suite}_validation.json"), validation_dir, passed=True)
+
+
+def _say_verdict(suite: str, results: list[tuple[str, bool]] | None, validation_dir: Path, *, passed: bool) -> None:
+    if results is None:
+        return
+    unmet = [name for name, met in results if not met]
+    gate_log.log(logging.INFO if passed else logging.ERROR,
+                 "%s gate (Great Expectations): %s, %d/%d expectations met%s; Data Docs %s", suite,
+                 "passed" if passed else "FAILED", len(results) - len(unmet), len(results),
+                 f"; not met: {', '.join(unmet)}" if unmet else "", validation_dir / "data_docs" / "index.html")
+
+
 synth_task = _task("synth")(synthesize)
-ingest_task = _task("ingest")(run_ingest)
-split_task = _task("split")(run_split)
+
+
+@_task("ingest")
+def ingest_task(metadata_csv, out_dir) -> dict:
+    with _gate_verdict("metadata", Path(out_dir) / "validation"):
+        return run_ingest(metadata_csv, out_dir)
+
+
+@_task("split")
+def split_task(metadata_parquet, out_dir, *, ratios: dict, tolerance: float, seed: int, assignments=None) -> dict:
+    with _gate_verdict("splits", Path(out_dir) / "validation"):
+        return run_split(metadata_parquet, out_dir, ratios=ratios, tolerance=tolerance, seed=seed, assignments=assignments)
+
+
 # Torch-heavy work is imported when it runs, so that `cxr ingest` does not pay seconds
 # loading torchvision and scikit-learn it never uses.
 @_task("train-stage")

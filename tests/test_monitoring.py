@@ -127,6 +127,52 @@ def test_the_cache_runs_logs_say_done_of_total_chunks(watched):
     assert _progress_artifacts(run_id)["cxr-image-cache"].data == pytest.approx(100.0)
 
 
+def test_a_ddp_train_runs_logs_hold_rank_0s_epoch_lines_once(workspace, sliced, tmp_path, prefect_server):
+    """`cxr train --nproc 2`: the spawned ranks know no Prefect run; rank 0's lines reach it."""
+    from flows.train import train_flow
+
+    params = sliced_params(workspace, sliced, tmp_path, epochs=2)
+    state = train_flow(params, "global", nproc=2, return_state=True)
+    assert state.is_completed(), state
+    run_id = state.state_details.flow_run_id
+    logs = _run_logs(run_id, lambda ls: any(l.message.startswith("stage global done: kept epoch") for l in ls))
+    epochs = [EPOCH_LINE.match(l.message) for l in logs if EPOCH_LINE.match(l.message)]
+    assert [int(m.group(1)) for m in epochs] == [1, 2], [l.message for l in logs]  # rank 1's are not repeated
+    history = state.result()["history"]
+    assert [float(m.group(2)) for m in epochs] == pytest.approx([r["loss"] for r in history], abs=1e-4)
+    assert all(l.task_run_id is not None for l in logs if l.name == "cxr.train")
+    assert _progress_artifacts(run_id)["cxr-train-global"].data == pytest.approx(100.0)
+
+
+GATE_LINE = re.compile(r"^(metadata|splits) gate \(Great Expectations\): (passed|FAILED), (\d+)/(\d+) expectations met"
+                       r"(; not met: .+)?; Data Docs (.+/data_docs/index\.html)$")
+
+
+def test_the_ingest_and_split_runs_logs_say_the_gates_verdicts(sample_csv, tmp_path, prefect_server):
+    from flows.data import ingest_flow, split_flow
+
+    params = make_params(tmp_path)
+    runs = {"metadata": ingest_flow(sample_csv, params.paths.interim, return_state=True),
+            "splits": split_flow(params, params.paths.interim / "metadata.parquet", params.paths.processed, return_state=True)}
+    # Ratios no patient split of the sample meets (98/1/1 within 0.1%): the gate refuses it, and says so.
+    strict = params.model_copy(update={"split": params.split.model_copy(update={"train": 0.98, "valid": 0.01, "test": 0.01,
+                                                                                 "tolerance": 0.001})})
+    runs["refused"] = split_flow(strict, params.paths.interim / "metadata.parquet", tmp_path / "strict", return_state=True)
+    assert runs["metadata"].is_completed() and runs["splits"].is_completed() and runs["refused"].is_failed(), runs
+    verdicts = {}
+    for name, state in runs.items():
+        logs = _run_logs(state.state_details.flow_run_id, lambda ls: any(GATE_LINE.match(l.message) for l in ls))
+        lines = [l for l in logs if GATE_LINE.match(l.message)]
+        assert len(lines) == 1 and lines[0].task_run_id is not None, [l.message for l in logs]
+        verdicts[name] = GATE_LINE.match(lines[0].message).groups()
+    for name in ("metadata", "splits"):
+        suite, verdict, met, total, unmet, docs = verdicts[name]
+        assert (suite, verdict, unmet) == (name, "passed", None) and met == total and int(total) > 3
+        assert Path(docs).is_file()
+    suite, verdict, met, total, unmet, _ = verdicts["refused"]
+    assert (suite, verdict) == ("splits", "FAILED") and int(met) < int(total) and unmet
+
+
 def test_the_train_run_page_shows_the_epoch_lines_in_chromium(watched, prefect_server):
     from tests.test_prefect_ui import CHROMIUM, OUTPUT, flow_run_page
 
