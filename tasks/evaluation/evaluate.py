@@ -147,7 +147,8 @@ def branch_probabilities(model, data, device: torch.device, batch_size: int) -> 
     boxes = []
     with torch.no_grad():
         for start in range(0, len(data.ids), batch_size):
-            result = model(to_input(data.pixels[start : start + batch_size], device))
+            # One batch read at a time (from the image cache's shards): the split is never held whole.
+            result = model(to_input(data.inputs(start, start + batch_size), device))
             for name, logits in zip(BRANCHES, (result.global_logits, result.local_logits, result.fusion_logits)):
                 outs[name].append(torch.sigmoid(logits.float()).cpu())
             boxes.append(result.boxes.cpu())

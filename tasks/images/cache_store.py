@@ -138,9 +138,10 @@ def read_rejects(root: Path) -> "pa.Table":
 class CacheReader:
     """Random access by item id to one published version, safe to share with DataLoader workers.
 
-    The index is read once; every shard file is opened (a file descriptor) at construction,
-    and memory-mapped lazily on first use: forked workers inherit descriptors and maps, and
-    nothing is copied until items are read.
+    The index is read once; every shard file is opened (a file descriptor) at construction.
+    `get` reads items by absolute offset (pread), so forked workers share the descriptors and
+    a reader's resident memory is what it returns; `item` is a view into a shard memory-mapped
+    lazily on first use.
     """
 
     def __init__(self, root: Path):
@@ -212,15 +213,38 @@ class CacheReader:
             raise DataError(f"{len(missing)} items are not in the cache (e.g. {missing[:3]})", where=str(self.root)) from None
 
     def get(self, name: str, rows) -> np.ndarray:
-        """(len(rows), *shape) copy of array `name` for index positions `rows`, in order."""
+        """(len(rows), *shape) copy of array `name` for index positions `rows`, in order.
+
+        Read with pread into the result, not through the memory map: the pages stay in the
+        kernel's page cache (shared, reclaimable) but never enter this process's resident set,
+        so reading a whole split batch by batch keeps RSS at one batch, whatever the split's
+        size. A run of consecutive items in one shard is one read (a sequential scan reads
+        each shard once, a shuffled batch one read per item).
+        """
         rows = np.asarray(rows, dtype=np.int64)
         spec = self.arrays[name]
         out = np.empty((len(rows), *spec.shape), dtype=spec.dtype)
-        shards = self._shard[rows]
-        for shard in np.unique(shards).tolist():
-            pick = shards == shard
-            out[pick] = self._array(shard, name)[self._offset[rows[pick]]]
+        if not len(rows):
+            return out
+        nbytes = out.itemsize * int(np.prod(spec.shape, dtype=np.int64))
+        raw = out.reshape(len(rows), -1).view(np.uint8)  # (n, nbytes) bytes of the result
+        shard, offset = self._shard[rows], self._offset[rows].astype(np.int64)
+        cut = (np.flatnonzero((shard[1:] != shard[:-1]) | (offset[1:] != offset[:-1] + 1)) + 1).tolist()
+        for a, b in zip([0, *cut], [*cut, len(rows)]):
+            self._read(int(shard[a]), name, raw[a:b], int(offset[a]) * nbytes)
         return out
+
+    def _read(self, shard: int, name: str, into: np.ndarray, at: int) -> None:
+        """Fill `into` (contiguous bytes) from shard file `shard` of `name` at byte `at`; a
+        shard shorter than its index says is a DataError (a damaged cache), never garbage."""
+        view, done = memoryview(into).cast("B"), 0
+        fd = self._fds[(shard, name)]
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], at + done)  # by absolute offset: safe across fork
+            if got == 0:
+                raise DataError(f"shard {_shard_name(shard, name)} is shorter than the index says; rebuild the cache",
+                                where=str(self.root / self.meta["version"]))
+            done += got
 
     def item(self, name: str, row: int) -> np.ndarray:
         """One item's array (a read-only view into the map)."""

@@ -1,7 +1,7 @@
 """The image cache: every source radiograph decoded once by the one loader, resized, stored uint8.
 
 Decoding a 1024x1024 PNG costs tens of milliseconds; reading its resized pixels from a
-memory-mapped shard costs microseconds. The cache is keyed by its resolution and the
+shard costs microseconds. The cache is keyed by its resolution and the
 SHA-256 of every source file, so changed images make a new key (and a rebuild); which
 images it holds and with what params is readable from `index.parquet` with plain pyarrow.
 Files the loader refuses are listed with the reason in the version's `rejects.parquet`.
@@ -155,8 +155,10 @@ def image_cache_serves(root: Path, image_dir: Path, size: int) -> dict | None:
     return meta
 
 
-def cached_pixels(root: Path, ids: list[str], image_dir: Path, size: int) -> torch.Tensor | None:
-    """(N, size, size) uint8 of `ids` from the image cache, or None when it does not hold them all.
+def cached_rows(root: Path, ids: list[str], image_dir: Path, size: int) -> tuple[CacheReader, np.ndarray] | None:
+    """(a reader of the image cache, the index positions of `ids` in it) when the cache holds
+    `image_dir` at `size` and every one of `ids`, else None. Nothing is read but the index:
+    pixels are read batch by batch with `reader.get("pixels", positions[...])`.
 
     An id the cache rejected raises the same DataError the loader would (with the recorded reason).
     """
@@ -164,7 +166,7 @@ def cached_pixels(root: Path, ids: list[str], image_dir: Path, size: int) -> tor
         return None
     reader = CacheReader(root)
     if all(i in reader for i in ids):
-        return torch.from_numpy(reader.get("pixels", reader.rows(ids)))
+        return reader, reader.rows(ids)
     rejects = cache_store.read_rejects(root).to_pydict()
     reasons = dict(zip(rejects["item_id"], rejects["reject_reason"]))
     bad = [reasons[i] for i in ids if i not in reader and i in reasons]
@@ -173,3 +175,13 @@ def cached_pixels(root: Path, ids: list[str], image_dir: Path, size: int) -> tor
         raise DataError(f"{len(bad)} of {len(ids)} training images cannot be used: {shown}", where=str(image_dir))
     log.info("image cache %s does not hold all %d images; decoding from %s", root, len(ids), image_dir)
     return None
+
+
+def cached_pixels(root: Path, ids: list[str], image_dir: Path, size: int) -> torch.Tensor | None:
+    """(N, size, size) uint8 of `ids` from the image cache, all at once, or None when it does
+    not hold them all (see `cached_rows`, which training uses to read batch by batch)."""
+    found = cached_rows(root, ids, image_dir, size)
+    if found is None:
+        return None
+    reader, positions = found
+    return torch.from_numpy(reader.get("pixels", positions))

@@ -159,13 +159,15 @@ def compute_crops(branch: torch.nn.Module, pixels: torch.Tensor, local_size: int
     }
 
 
-def _chunk_pixels(plan: CropCachePlan, ids: list[str]) -> tuple[list[np.ndarray | None], list[str | None]]:
+def _chunk_pixels(plan: CropCachePlan, ids: list[str], reader: CacheReader | None = None) -> tuple[list[np.ndarray | None], list[str | None]]:
     if plan.image_cache is not None:
-        reader = CacheReader(plan.image_cache)
+        reader = reader if reader is not None else CacheReader(plan.image_cache)
         found = [i in reader for i in ids]
         pixels = reader.get("pixels", reader.rows([i for i, f in zip(ids, found) if f]))
-        rejects = cache_store.read_rejects(plan.image_cache).to_pydict()
-        reasons = dict(zip(rejects["item_id"], rejects["reject_reason"]))
+        reasons = {}
+        if not all(found):
+            rejects = cache_store.read_rejects(plan.image_cache).to_pydict()
+            reasons = dict(zip(rejects["item_id"], rejects["reject_reason"]))
         it = iter(pixels)
         return [next(it) if f else None for f in found], [None if f else reasons.get(i, "not in the image cache") for i, f in zip(ids, found)]
     out, why = [], []
@@ -179,19 +181,30 @@ def _chunk_pixels(plan: CropCachePlan, ids: list[str]) -> tuple[list[np.ndarray 
     return out, why
 
 
-def build_crop_chunk(plan: CropCachePlan, i: int) -> dict:
-    """Crops, boxes and pooled features of chunk `i`, in batches on the device."""
+def _build_inputs(plan: CropCachePlan) -> dict:
+    """What every chunk of one build reads, opened once for an in-process build of all chunks:
+    the image cache's reader (its index: 112,120 rows on the whole archive) and the global branch."""
+    return {"reader": CacheReader(plan.image_cache) if plan.image_cache is not None else None,
+            "branch": load_branch(plan.models_dir / "global.safetensors", plan.backbone).to(torch.device(plan.device))}
+
+
+def build_crop_chunk(plan: CropCachePlan, i: int, *, reader: CacheReader | None = None,
+                     branch: torch.nn.Module | None = None) -> dict:
+    """Crops, boxes and pooled features of chunk `i`, in batches on the device. `reader` (the
+    image cache) and `branch` (the global branch on plan.device), when given, are reused
+    rather than opened for this chunk alone (`_build_inputs`)."""
     if cache_store.chunk_done(plan.root, plan.key, i):
         log.info("crop cache chunk %d/%d: already built (resumed)", i + 1, len(plan.chunks))
         return {"chunk": i, "skipped": True}
     t0 = time.perf_counter()
     ids = list(plan.ids[i * plan.shard_images : (i + 1) * plan.shard_images])
-    images, reasons = _chunk_pixels(plan, ids)
+    images, reasons = _chunk_pixels(plan, ids, reader)
     good = torch.from_numpy(np.stack([p for p in images if p is not None])) if any(r is None for r in reasons) else None
     if good is not None:
         good = center_crop(good, plan.image_size)  # the global input evaluation sees
     device = torch.device(plan.device)
-    branch = load_branch(plan.models_dir / "global.safetensors", plan.backbone).to(device)
+    if branch is None:
+        branch = load_branch(plan.models_dir / "global.safetensors", plan.backbone).to(device)
     parts: list[dict] = []
     if good is not None:
         for start in range(0, len(good), plan.batch_size):
@@ -229,10 +242,11 @@ def build_crop_cache(params: Params, *, stop_after_chunks: int | None = None) ->
     plan = plan_crop_cache(params)
     if plan.up_to_date:
         return {**cache_store.published_meta(plan.root), "up_to_date": True}
+    inputs = _build_inputs(plan)
     for done, i in enumerate(plan.chunks):
         if stop_after_chunks is not None and done >= stop_after_chunks:
             return {"stopped_after_chunks": done, "key": plan.key}
-        build_crop_chunk(plan, i)
+        build_crop_chunk(plan, i, **inputs)
         report("crop-cache", done + 1, len(plan.chunks), unit="chunks")
     return {**publish_crop_cache(plan), "up_to_date": False}
 
@@ -243,8 +257,9 @@ def ensure_crop_cache(params: Params) -> CacheReader:
     plan = plan_crop_cache(params)
     if not plan.up_to_date:
         log.info("crop cache %s is missing or stale: building %d chunks", plan.root, len(plan.chunks))
+        inputs = _build_inputs(plan)
         for i in plan.chunks:
-            build_crop_chunk(plan, i)
+            build_crop_chunk(plan, i, **inputs)
             report("crop-cache", i + 1, len(plan.chunks), unit="chunks")
         publish_crop_cache(plan)
     reader = CacheReader(plan.root)

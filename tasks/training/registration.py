@@ -147,7 +147,7 @@ def validation_branch_predictions(params: Params, model: torch.nn.Module,
     probs = {b: [] for b in BRANCHES}
     with torch.inference_mode():
         for start in range(0, len(valid.ids), params.score.batch_size):
-            out = model(to_input(valid.pixels[start : start + params.score.batch_size], device))
+            out = model(to_input(valid.inputs(start, start + params.score.batch_size), device))
             for b, logits in zip(BRANCHES, (out.global_logits, out.local_logits, out.fusion_logits)):
                 probs[b].append(torch.sigmoid(logits.float()).cpu())
     return valid.labels.numpy(), {b: torch.cat(v).numpy() for b, v in probs.items()}, file_sha256(splits_path)

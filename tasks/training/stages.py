@@ -11,9 +11,11 @@ a killed run resumes from its last finished epoch and ends with the same weights
 epoch's shuffling, flips, (stage I) random crops and augmentation come from a generator seeded
 by (seed, stage, epoch), not from whatever state the process had when it died.
 
-The loop is fed whole batches by tensor indexing of the in-memory uint8 split (or the crop
-cache's memory map), made float on the device; the loss is read back once per epoch (and for
-the progress bar every few steps), not after every step.
+The loop is fed whole batches read from the image cache's shards when they are asked for
+(stages II/III: from the crop cache; for a folder the image cache does not serve, by tensor
+indexing of the split decoded into memory), uint8 made float on the device: no split is held
+whole. The loss is read back once per epoch (and for the progress bar every few steps), not
+after every step.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from models.fusion import FusionHead
 from models.agcnn import attention_crops
 from models.loss import WeightedBCE
 from models.device import pick_device  # noqa: F401  (re-exported: tasks.training.stages.pick_device)
-from tasks.training.dataset import TrainBatches, load_split
+from tasks.training.dataset import SplitData, TrainBatches, load_split
 from tasks.images.geometry import augment_draws, random_crop_offsets, to_input
 from tasks.metadata.ingest import read_metadata
 from tasks.training.metrics import auroc_per_class, mean_auroc
@@ -235,7 +237,7 @@ def predict(model: torch.nn.Module, data, device: torch.device, batch_size: int)
     model.eval()
     out = []
     cached = None
-    if not hasattr(data, "pixels"):  # a CropSplit: read crops and pooled features, unflipped
+    if not isinstance(data, SplitData):  # a CropSplit: read crops and pooled features, unflipped
         from tasks.training.crop_cache import CropDataset
 
         cached = CropDataset(data)
@@ -244,7 +246,7 @@ def predict(model: torch.nn.Module, data, device: torch.device, batch_size: int)
             if cached is not None:
                 logits = model.forward_batch(cached.batch(start, start + batch_size), device)
             else:
-                logits = model(to_input(data.pixels[start : start + batch_size], device))
+                logits = model(to_input(data.inputs(start, start + batch_size), device))
             out.append(torch.sigmoid(logits.float()).cpu())
     return torch.cat(out).numpy()
 
