@@ -214,6 +214,11 @@ class ScoreParams(_Strict):
     """Batch scoring of new studies (`cxr score`)."""
 
     batch_size: int = Field(16, ge=1)
+    # Arithmetic of the forward pass: "bf16" runs it under bfloat16 autocast with channels-last
+    # tensors where the device has bf16 units (CUDA, or a CPU with AVX512-BF16 or AMX) and falls
+    # back to fp32 elsewhere; attention boxes, maps and probabilities stay float32 either way.
+    # Off by default: it moves per-class AUROCs (benchmarks/results/score.json says by how much).
+    precision: Literal["fp32", "bf16"] = "fp32"
     # Operating points per class, chosen on the validation split's fusion predictions.
     threshold_rule: Literal["youden", "sensitivity"] = "youden"
     target_sensitivity: float = Field(0.9, gt=0, le=1)

@@ -1,21 +1,24 @@
 """Pictures of a scored study: class activation heatmaps and the attention box on the radiograph.
 
-Pure numpy + Pillow: a study's overlay PNG has one panel for the radiograph with its
-attention box, then one panel per top finding with that class's activation map blended in.
-Rendering is in the hot loop of batch scoring (one overlay per study), so it works on uint8
-arrays: the colour map is a 256-entry lookup table, the blend integer arithmetic, and the
-panels one canvas that Pillow only draws boxes and titles on and compresses at level 1.
+Pure numpy (+ Pillow for the title glyphs): a study's overlay PNG has one panel for the
+radiograph with its attention box, then one panel per top finding with that class's
+activation map blended in. Rendering is in the hot loop of batch scoring (one overlay and
+one thumbnail per study), so the whole canvas is one numpy array built by one table lookup
+per pixel (map level, grey level) -> RGB, the boxes are array slices, each title is a cached
+glyph mask, and the PNG is encoded straight from the array (`encode_png`): no Pillow image
+round trip.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from isal import isal_zlib
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from cxr.core.atomic import atomic_path
 from tasks.images.geometry import scale_box
@@ -26,6 +29,7 @@ _COLOURS = np.array([[0, 0, 160], [0, 220, 255], [255, 230, 0], [220, 0, 0]], dt
 BOX_COLOUR = (0, 255, 0)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TITLE_HEIGHT = 16
+TITLE_X, TITLE_Y = 3, 2  # where a panel's title starts in its strip
 
 
 def _lut() -> np.ndarray:
@@ -37,15 +41,16 @@ _LUT = _lut()  # (256, 3) uint8: the map at 256 levels, finer than the eye tells
 
 
 def _blend_table(alpha: float) -> np.ndarray:
-    """(256 * 256,) uint32: RGB0 bytes of round((1 - alpha) * grey + alpha * colour), indexed by
-    map level * 256 + grey level. Four bytes per entry: one gather of 32-bit words per pixel."""
+    """(256 * 256 + 256, 3) uint8 RGB rows: round((1 - alpha) * grey + alpha * colour) at
+    map level * 256 + grey level, then the plain grey levels at GREY + grey level. One
+    gather of 3-byte rows per pixel draws every panel of an overlay, the radiograph's too."""
     grey = np.arange(256, dtype=np.float64)[None, :, None]
     rgb = np.rint((1 - alpha) * grey + alpha * _LUT[:, None, :].astype(np.float64)).astype(np.uint8)
-    table = np.zeros((256 * 256, 4), dtype=np.uint8)
-    table[:, :3] = rgb.reshape(-1, 3)
-    return table.view(np.uint32).ravel()
+    plain = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    return np.concatenate([rgb.reshape(-1, 3), plain])
 
 
+GREY = 256 * 256  # offset of the plain grey levels in a blend table
 _BLEND: dict[float, np.ndarray] = {}
 
 
@@ -75,46 +80,109 @@ def resize_gray(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image.astype(np.float32)).resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
 
 
+@lru_cache(maxsize=64)
+def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(lo, hi, w_lo, w_hi): the two source indices and weights of every output position of
+    1-D bilinear resampling with half-pixel centres (torch's `interpolate(mode="bilinear",
+    align_corners=False)` without antialiasing)."""
+    src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.intp), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = (src - lo).astype(np.float32)
+    return lo, hi, 1.0 - frac, frac
 
 
-def render_overlay(gray: np.ndarray, box, cams: np.ndarray, titles: list[str], alpha: float = 0.45) -> Image.Image:
-    """One RGB image: the radiograph with its box, then one heatmap panel per finding.
+def upsample_maps(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(T, fh, fw) float maps -> (T, h, w) float32, bilinear with half-pixel centres.
 
-    gray: (h, w) float [0, 1] at display size; box: inclusive (y0, x0, y1, x1) in those
-    pixels; cams: (T, h, w) float in [0, 1], or uint8 levels (value * 255 rounded); titles: the
-    radiograph's title, then T finding titles. Each panel has a TITLE_HEIGHT strip on top; blend = (1 - alpha) * gray + alpha * colour.
+    Two gathers and blends (rows, then columns) in numpy: a map on a (4, 4) feature grid
+    costs about a millisecond, where a resampling kernel's thread-pool start (torch) or BLAS
+    threads (a matrix product) cost more than the work and fight the forward pass for cores.
+    """
+    grid = np.asarray(grid, dtype=np.float32)
+    ylo, yhi, ya, yb = _bilinear_taps(grid.shape[-2], shape[0])
+    xlo, xhi, xa, xb = _bilinear_taps(grid.shape[-1], shape[1])
+    rows = grid[:, ylo, :] * ya[:, None] + grid[:, yhi, :] * yb[:, None]  # (T, h, fw)
+    out = rows[:, :, xlo] * xa
+    out += rows[:, :, xhi] * xb
+    return out
+
+
+def levels(values: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1] -> uint8 levels 0..255 (value * 255 rounded; uint8 input is taken as levels already)."""
+    return _levels(values)
+
+
+@lru_cache(maxsize=1)
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    # Pillow's default font is decoded from its embedded data on every load: once per process.
+    return ImageFont.load_default()
+
+
+@lru_cache(maxsize=4096)
+def _title_mask(title: str, room: int) -> np.ndarray:
+    """(TITLE_HEIGHT, <= room) uint8 coverage of `title` drawn at (TITLE_X, TITLE_Y), cut at
+    `room` columns. Cached: most titles ("Mass 0.42 FLAGGED") recur across studies."""
+    font = _font()
+    right = int(np.ceil(ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((TITLE_X, TITLE_Y), title, font=font)[2]))
+    strip = Image.new("L", (max(1, min(room, right + 1)), TITLE_HEIGHT))
+    ImageDraw.Draw(strip).text((TITLE_X, TITLE_Y), title, fill=255, font=font)
+    return np.asarray(strip)
+
+
+def _outline(rgb: np.ndarray, box, width: int, colour=BOX_COLOUR) -> None:
+    """Draw an inclusive (y0, x0, y1, x1) box outline `width` pixels thick, inward, on (H, W, 3) `rgb`
+    (what Pillow's `rectangle(outline=..., width=...)` draws)."""
+    y0, x0, y1, x1 = (int(v) for v in box)
+    k = max(1, int(width))
+    for ys, xs in ((slice(y0, min(y0 + k, y1 + 1)), slice(x0, x1 + 1)), (slice(max(y1 - k + 1, y0), y1 + 1), slice(x0, x1 + 1)),
+                   (slice(y0, y1 + 1), slice(x0, min(x0 + k, x1 + 1))), (slice(y0, y1 + 1), slice(max(x1 - k + 1, x0), x1 + 1))):
+        rgb[ys, xs] = colour
+
+
+def render_overlay(gray: np.ndarray, box, cams: np.ndarray, titles: list[str], alpha: float = 0.45) -> np.ndarray:
+    """One (h + TITLE_HEIGHT, (1 + T) * w, 3) uint8 RGB picture: the radiograph with its box,
+    then one heatmap panel per finding.
+
+    gray: (h, w) float [0, 1] at display size, or uint8 levels; box: inclusive (y0, x0, y1, x1)
+    in those pixels; cams: (T, h, w) float in [0, 1], or uint8 levels (value * 255 rounded);
+    titles: the radiograph's title, then T finding titles, white on the black TITLE_HEIGHT strip
+    above each panel. blend = (1 - alpha) * gray + alpha * colour.
     """
     h, w = gray.shape
     panels = 1 + len(cams)
     base = _levels(gray)
-    canvas = np.zeros((h + TITLE_HEIGHT, panels * w, 3), dtype=np.uint8)
-    canvas[TITLE_HEIGHT:, :w] = base[..., None]
+    table = _BLEND.get(alpha)
+    if table is None:
+        table = _BLEND.setdefault(alpha, _blend_table(alpha))
+    canvas = np.empty((h + TITLE_HEIGHT, panels, w, 3), dtype=np.uint8)
+    # One lookup per pixel of every panel: (map level, grey level) -> blended RGB, and
+    # GREY + grey level for the radiograph itself; written in place, row by row of panels.
+    index = np.empty((h, panels, w), dtype=np.int32)
+    index[:, 0] = base
+    index[:, 0] += GREY
     if len(cams):
-        table = _BLEND.get(alpha)
-        if table is None:
-            table = _BLEND.setdefault(alpha, _blend_table(alpha))
-        # One lookup per pixel: (map level, grey level) -> blended RGB, laid out as the panel row.
-        index = (_levels(cams).transpose(1, 0, 2).astype(np.int32) << 8) | base[:, None, :]  # (h, T, w)
-        rgb0 = np.take(table, index).view(np.uint8).reshape(h, len(cams) * w, 4)
-        canvas[TITLE_HEIGHT:, w:] = rgb0[..., :3]
-    out = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(out)
-    y0, x0, y1, x1 = box
+        np.left_shift(_levels(cams).transpose(1, 0, 2), 8, out=index[:, 1:], dtype=np.int32)
+        index[:, 1:] |= base[:, None, :]
+    np.take(table, index, axis=0, out=canvas[TITLE_HEIGHT:], mode="clip")  # "raise" would buffer `out`
+    out = canvas.reshape(h + TITLE_HEIGHT, panels * w, 3)
+    strip = np.zeros((TITLE_HEIGHT, panels * w), dtype=np.uint8)
     for i, title in enumerate(titles[:panels]):
-        left = i * w
-        draw.rectangle((left + x0, y0 + TITLE_HEIGHT, left + x1, y1 + TITLE_HEIGHT), outline=BOX_COLOUR,
-                       width=max(1, w // 192))
-        draw.text((left + 3, 2), title, fill=(255, 255, 255))
+        mask = _title_mask(title, (panels - i) * w)
+        np.maximum(strip[:, i * w : i * w + mask.shape[1]], mask, out=strip[:, i * w : i * w + mask.shape[1]])
+    out[:TITLE_HEIGHT] = strip[..., None]
+    y0, x0, y1, x1 = box
+    for i in range(panels):
+        _outline(out, (y0 + TITLE_HEIGHT, i * w + x0, y1 + TITLE_HEIGHT, i * w + x1), max(1, w // 192))
     return out
 
 
-def thumbnail(gray: np.ndarray, box, longest: int = 128) -> Image.Image:
-    """Small RGB picture of the radiograph with its box, for the HTML report."""
+def thumbnail(gray: np.ndarray, box, longest: int = 128) -> np.ndarray:
+    """Small (h, w, 3) uint8 RGB picture of the radiograph with its box, for the HTML report."""
     shape = display_shape(*gray.shape, longest)
-    small = resize_gray(gray, shape)
-    rgb = Image.fromarray(np.rint(np.repeat(np.clip(small, 0, 1)[..., None] * 255.0, 3, axis=-1)).astype(np.uint8))
-    y0, x0, y1, x1 = scale_box(box, gray.shape, shape)
-    ImageDraw.Draw(rgb).rectangle((x0, y0, x1, y1), outline=BOX_COLOUR)
+    small = _levels(resize_gray(gray, shape))
+    rgb = np.repeat(small[..., None], 3, axis=2)
+    _outline(rgb, scale_box(box, gray.shape, shape), 1)
     return rgb
 
 
@@ -142,8 +210,9 @@ def encode_png(rgb: np.ndarray, level: int = 1) -> bytes:
 
 
 def save_png(image: Image.Image | np.ndarray, path: Path) -> None:
-    """Write an RGB picture as PNG, atomically. zlib level 1: overlays are written per study
-    in the hot loop of scoring, where size matters less than time."""
-    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    """Write an RGB picture (an (H, W, 3) uint8 array or a Pillow image) as PNG, atomically.
+    Deflate level 1: overlays are written per study in the hot loop of scoring, where size
+    matters less than time."""
+    rgb = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else image
     with atomic_path(path) as tmp:
         tmp.write_bytes(encode_png(rgb))

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import torch.nn.functional as F
 
 from cxr.core.atomic import atomic_path
 from cxr.core.labels import BRANCHES, LABEL_COLUMNS, PATHOLOGIES
+from tasks.scoring.overlay import levels as to_levels
+from tasks.scoring.overlay import upsample_maps
 from tasks.scoring.studies import Study, output_name, row_keys
 from tasks.scoring.verdict import OODVerdict
 
@@ -72,12 +72,13 @@ class ScoredStudy:
             return None
         dh, dw = self.display.shape
         y0, x0, y1, x1 = self.cam_region
-        grid = torch.from_numpy(self.cam_grid[list(classes)])[None]
-        up = F.interpolate(grid, size=(y1 - y0 + 1, x1 - x0 + 1), mode="bilinear", align_corners=False)[0]
+        grid = self.cam_grid[list(classes)]
+        # Bilinear with half-pixel centres (as torch's interpolate), as two small matrix products.
+        up = upsample_maps(grid, (y1 - y0 + 1, x1 - x0 + 1))
         if levels:
-            up = up.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
-        out = np.zeros((grid.shape[1], dh, dw), dtype=np.uint8 if levels else np.float32)
-        out[:, y0 : y1 + 1, x0 : x1 + 1] = up.numpy()
+            up = to_levels(up)
+        out = np.zeros((grid.shape[0], dh, dw), dtype=np.uint8 if levels else np.float32)
+        out[:, y0 : y1 + 1, x0 : x1 + 1] = up
         return out
 
     @cached_property

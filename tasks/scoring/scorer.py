@@ -7,6 +7,13 @@ out-of-distribution gate, on the params' device. Every probability a study gets 
 global, local) is calibrated here, so every path that scores shows the same calibrated figures. It turns
 files into `ScoredStudy`s (`prepare`: the one loader and the precheck; `infer`: one batched
 forward and the verdict) and writes their per-study files (`write`).
+
+Precision (`score.precision`): "fp32" runs the model's own forward. "bf16" runs the two
+branches and the fusion head under bfloat16 autocast with channels-last tensors (oneDNN's
+bf16 convolutions), only where the hardware has bf16 units (a CUDA device that supports it,
+or a CPU with AVX512-BF16 or AMX); elsewhere it falls back to fp32 with one log line. The
+attention boxes, the crops, the activation maps and every probability are computed in
+float32 in both cases: autocast covers the network layers, never the thresholds.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ from cxr.core.atomic import atomic_write_json
 from cxr.core.config import Params
 from cxr.core.errors import DataError
 from cxr.core.labels import BRANCHES, LABEL_COLUMNS, PATHOLOGIES
+from models.agcnn import AGCNNOutput, attention_crops
 from models.attention import crop_boxes
 from models.device import pick_device
 from tasks.bundle.bundle import Bundle
 from tasks.bundle.registry import load_bundle, resolve_digest
 from tasks.images.geometry import input_box_to_image, network_pixels_from_image, to_input
 from tasks.images.loader import LoaderLimits, load_image
-from tasks.scoring.overlay import display_shape, render_overlay, resize_gray, save_png, thumbnail
+from tasks.scoring.overlay import display_shape, levels, render_overlay, resize_gray, save_png, thumbnail
 from tasks.scoring.precheck import precheck
 from tasks.scoring.rows import BOX_COLUMNS, FLAG_COLUMNS, ScoredStudy, base_row, study_json
 from tasks.scoring.studies import Study, output_name, reason_of, sha_or_reason
@@ -47,22 +55,86 @@ def class_activation_maps(features: torch.Tensor, weights: torch.Tensor, classes
     return torch.where(peak > 0, cams / peak.clamp_min(1e-12), torch.zeros_like(cams))
 
 
-def batch_outputs(model, pixels: torch.Tensor, device) -> dict[str, torch.Tensor]:
-    """One forward of (B, S, S) uint8 inputs -> what the rows and pictures need, on the CPU.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matrix units
+
+
+def cpu_bf16_units(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The bf16 matrix-unit flags this CPU reports (AMX, AVX512-BF16); [] when none or unknown.
+
+    torch's own `get_cpu_capability()` names the vector width only ("AVX512"), and oneDNN
+    runs bf16 on any AVX-512 CPU by emulating it (slower than fp32): only these flags say the
+    arithmetic is in hardware.
+    """
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in BF16_CPU_FLAGS if f in flags]
+
+
+def resolve_precision(requested: str, device: torch.device, units: list[str] | None = None) -> str:
+    """The precision scoring runs at: `requested` ("fp32" or "bf16"), or "fp32" when the
+    device has no bf16 units (one log line says so). `units`: the CPU's, for tests."""
+    if requested != "bf16":
+        return "fp32"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16"
+        why = "this CUDA device does not support bfloat16"
+    elif device.type == "cpu":
+        found = cpu_bf16_units() if units is None else units
+        if found:
+            return "bf16"
+        why = f"this CPU has no bf16 matrix units (none of {', '.join(BF16_CPU_FLAGS)} in its flags)"
+    else:
+        why = f"bf16 scoring is only set up for CPU and CUDA devices, not {device.type}"
+    log.info("score.precision bf16 requested, scoring in fp32: %s", why)
+    return "fp32"
+
+
+def model_forward(model, x: torch.Tensor, precision: str) -> AGCNNOutput:
+    """The AG-CNN forward; under "bf16" the same steps as `AGCNN.forward`, with the two
+    branches and the fusion head under bfloat16 autocast and the attention boxes and crops
+    between them computed in float32 from float32 features (a threshold on bf16 heatmaps
+    would move boxes by whole pixels)."""
+    if precision != "bf16":
+        return model(x)
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with autocast:
+        g = model.global_branch(x)
+    crops, boxes = attention_crops(x, g.features.float(), model.local_size, model.threshold, model.mode)
+    with autocast:
+        local = model.local_branch(crops.contiguous(memory_format=torch.channels_last))
+        fused = model.fusion(g.pooled, local.pooled)
+    return AGCNNOutput(g.logits.float(), local.logits.float(), fused.float(), boxes, g.features.float())
+
+
+def prepare_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """The model laid out for `precision`: channels-last weights under bf16 (what oneDNN's
+    bf16 convolutions read without reordering), as it is under fp32."""
+    return model.to(memory_format=torch.channels_last) if precision == "bf16" else model
+
+
+def batch_outputs(model, pixels: torch.Tensor, device, precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """One forward of (B, S, S) uint8 inputs -> what the rows and pictures need, on the CPU,
+    every tensor float32 (or uint8 crops, int64 boxes) whatever the precision.
 
     probabilities of each branch (B, 14); boxes (B, 4) in input pixels; cams (B, 14, h, w)
     on the feature grid; pooled (B, C) global-branch features (the OOD gate's input);
     crops (B, L, L) uint8, the input pixels the local branch saw.
     """
     with torch.inference_mode():
-        out = model(to_input(pixels, device))
+        out = model_forward(model, to_input(pixels, device), precision)
+        features = out.global_features.float()  # outside autocast: the maps and the gate in float32
         weights = model.global_branch.classifier.weight
         every = torch.arange(weights.shape[0], device=weights.device).expand(pixels.shape[0], -1)
         crops = crop_boxes(pixels.to(device).unsqueeze(1).float(), out.boxes, model.local_size)[:, 0]
         result = {"global": torch.sigmoid(out.global_logits.float()), "local": torch.sigmoid(out.local_logits.float()),
                   "fusion": torch.sigmoid(out.fusion_logits.float()), "boxes": out.boxes,
-                  "cams": class_activation_maps(out.global_features, weights, every),
-                  "pooled": out.global_features.float().amax((2, 3)),
+                  "cams": class_activation_maps(features, weights, every),
+                  "pooled": features.amax((2, 3)),
                   "crops": crops.round_().clamp_(0, 255).to(torch.uint8)}
     return {k: v.cpu() for k, v in result.items()}
 
@@ -99,8 +171,9 @@ class Scorer:
         self.threshold_entry = bundle.thresholds(params.score)
         self.thresholds = np.asarray(bundle.threshold_values(params.score), dtype=np.float32)
         self.device = pick_device(params.train.device)
-        self.model = bundle.agcnn().to(self.device)
         s = params.score
+        self.precision = resolve_precision(s.precision, self.device)
+        self.model = prepare_model(bundle.agcnn().to(self.device), self.precision)
         self.limits = LoaderLimits(max_pixels=s.max_pixels, min_side=s.min_side)
         self.ood_mode: str = s.ood
         self.gate = bundle.gate()  # None for a bundle registered without a gate
@@ -139,7 +212,8 @@ class Scorer:
             scorer = cls(params, load_bundle(models_dir, digest))
             _LOADED.clear()  # one model per process: a new digest replaces the old one
             _LOADED[key] = scorer
-            log.info("loaded model %s (%s) on %s", digest[:12], scorer.entry["backbone"], scorer.device)
+            log.info("loaded model %s (%s) on %s, %s", digest[:12], scorer.entry["backbone"], scorer.device,
+                     scorer.precision)
         return _LOADED[key]
 
     # ------------------------------------------------------------------ scoring
@@ -174,25 +248,49 @@ class Scorer:
         study.display = resize_gray(image, display_shape(*image.shape, self.params.score.overlay_size))
         return study
 
+    def forward(self, pixels: np.ndarray) -> dict[str, torch.Tensor]:
+        """(B, S, S) uint8 network inputs -> `batch_outputs` on the calibrated scale."""
+        return self.calibrated(batch_outputs(self.model, torch.from_numpy(pixels), self.device, self.precision))
+
     def infer(self, studies: list[Study], run_id: str) -> list[ScoredStudy]:
         """Prepared studies -> ScoredStudies in the same order: one forward for the decodable ones."""
         good = [s for s in studies if s.reason is None]
+        pixels = np.stack([s.pixels for s in good]) if good else None
+        return self.assemble(studies, run_id, pixels, self.forward(pixels) if good else None)
+
+    def assemble(self, studies: list[Study], run_id: str, pixels: np.ndarray | None, outs: dict | None) -> list[ScoredStudy]:
+        """The batch's rows and results from its forward `outs` (over the pixels of the
+        decodable studies, in order): the gate's verdict per study, then scored or rejected."""
+        good = [s for s in studies if s.reason is None]
         results = {}
         if good:
-            pixels = np.stack([s.pixels for s in good])
-            outs = self.calibrated(batch_outputs(self.model, torch.from_numpy(pixels), self.device))
             parts = self.gate_parts(outs["pooled"], pixels)
             distances = self.gate.combine(parts) if parts is not None else None
+            rounded = None if parts is None else {k: [round(x, 4) for x in np.asarray(v, np.float64).tolist()]
+                                                  for k, v in parts.items()}
+            batch = self._batch_facts(outs)
             for i, study in enumerate(good):
                 verdict = ood_verdict(self.ood_mode, gate=self.gate,
                                       score=None if distances is None else float(distances[i]))
-                part = None if parts is None else {k: round(float(v[i]), 4) for k, v in parts.items()}
+                part = None if rounded is None else {k: v[i] for k, v in rounded.items()}
                 if verdict.refused_by:
                     study.reason = verdict.reason
                     results[id(study)] = self._rejected(study, run_id, verdict, part)
                 else:
-                    results[id(study)] = self._scored(study, run_id, outs, i, verdict, part)
+                    results[id(study)] = self._scored(study, run_id, outs, batch, i, verdict, part)
         return [results.get(id(s)) or self._rejected(s, run_id) for s in studies]
+
+    def _batch_facts(self, outs: dict) -> dict:
+        """Per-batch lists and arrays the rows are cut from: one numpy pass for the whole batch
+        (flags, top findings, the highest flagged probability), not one per study."""
+        prob = outs["fusion"].numpy()
+        flag = prob >= self.thresholds
+        top = np.argsort(-prob, axis=1, kind="stable")[:, : self.params.score.top_findings]
+        flagged_max = np.where(flag, prob, -np.inf).max(axis=1)
+        return {"prob_list": prob.tolist(), "flag_list": flag.tolist(), "top": top.tolist(),
+                "flagged_max": flagged_max.tolist(), "boxes": outs["boxes"].numpy().tolist(),
+                "branches": {b: outs[b].numpy() for b in BRANCHES}, "cams": outs["cams"].numpy(),
+                "crops": outs["crops"].numpy()}
 
     def _ood_facts(self, verdict: OODVerdict, parts: dict | None = None) -> dict:
         gate = self.gate
@@ -226,28 +324,27 @@ class Scorer:
         return ScoredStudy(row, ood=self._ood_facts(verdict, parts) if verdict is not None else None, verdict=verdict,
                            meaning=self.meaning)
 
-    def _scored(self, study: Study, run_id: str, outs: dict, i: int, verdict: OODVerdict,
+    def _scored(self, study: Study, run_id: str, outs: dict, batch: dict, i: int, verdict: OODVerdict,
                 parts: dict | None = None) -> ScoredStudy:
-        m, top_n = self.geometry, self.params.score.top_findings
-        prob = outs["fusion"][i].numpy()
-        flag = prob >= self.thresholds
-        top = np.argsort(-prob, kind="stable")[:top_n]
-        box = tuple(int(v) for v in outs["boxes"][i])
+        m = self.geometry
+        flag = batch["flag_list"][i]
+        box = tuple(int(v) for v in batch["boxes"][i])
         dh, dw = study.display.shape
         flagged = [p for p, f in zip(PATHOLOGIES, flag) if f]
         name = output_name(study.study_id)
         row = base_row(study, self.digest, run_id, "scored")
-        row.update(dict(zip(LABEL_COLUMNS, prob.tolist())), **dict(zip(FLAG_COLUMNS, flag.tolist())),
-                   **dict(zip(BOX_COLUMNS, input_box_to_image(box, m, study.shape))),
-                   image_height=study.shape[0], image_width=study.shape[1], reason=verdict.reason,
-                   flagged=", ".join(flagged), max_flagged_probability=float(prob[flag].max()) if flagged else None,
-                   top_findings=", ".join(PATHOLOGIES[k] for k in top),
+        row.update(zip(LABEL_COLUMNS, batch["prob_list"][i]))
+        row.update(zip(FLAG_COLUMNS, flag))
+        row.update(zip(BOX_COLUMNS, input_box_to_image(box, m, study.shape)))
+        row.update(image_height=study.shape[0], image_width=study.shape[1], reason=verdict.reason,
+                   flagged=", ".join(flagged), max_flagged_probability=batch["flagged_max"][i] if flagged else None,
+                   top_findings=", ".join(PATHOLOGIES[k] for k in batch["top"][i]),
                    ood_score=verdict.score, ood_flag=verdict.flag, ood_statement=self.statement(verdict),
                    overlay=f"overlays/{name}.png", thumbnail=f"thumbs/{name}.png")
         whole_input = (0, 0, m.image_size - 1, m.image_size - 1)
-        return ScoredStudy(row, {b: outs[b][i].numpy() for b in BRANCHES}, study.display,
-                           input_box_to_image(box, m, (dh, dw)), outs["crops"][i].numpy(),
-                           cam_grid=outs["cams"][i].numpy(),
+        return ScoredStudy(row, {b: v[i] for b, v in batch["branches"].items()}, study.display,
+                           input_box_to_image(box, m, (dh, dw)), batch["crops"][i],
+                           cam_grid=batch["cams"][i],
                            # The maps cover the network input, i.e. the centre crop of the resized
                            # image: that region of the picture (all of it when model.resize is unset).
                            cam_region=input_box_to_image(whole_input, m, (dh, dw)), ood=self._ood_facts(verdict, parts),
@@ -261,13 +358,24 @@ class Scorer:
         Each file is written atomically; the JSON comes last, so a study whose JSON exists
         has all its files.
         """
-        out_dir, row = Path(out_dir), study.row
-        if pictures and row["overlay"] and study.display is not None:
-            top = [PATHOLOGIES.index(p) for p in row["top_findings"].split(", ")]
-            prob = study.probabilities["fusion"]
-            titles = [f"{row['study_id']} (attention box)"] + [
-                f"{PATHOLOGIES[k]} {prob[k]:.2f}" + (" FLAGGED" if row[FLAG_COLUMNS[k]] else "") for k in top]
-            save_png(render_overlay(study.display, study.display_box, study.cams_for(top, levels=True), titles),
-                     out_dir / row["overlay"])
-            save_png(thumbnail(study.display, study.display_box), out_dir / row["thumbnail"])
-        atomic_write_json(out_dir / row["json"], study_json(study))
+        if pictures and study.row["overlay"] and study.display is not None:
+            self.write_overlay(out_dir, study)
+            self.write_thumbnail(out_dir, study)
+        self.write_json(out_dir, study)
+
+    def write_overlay(self, out_dir: Path, study: ScoredStudy) -> None:
+        """out_dir/<row overlay>: the radiograph with its box and a panel per top finding."""
+        row = study.row
+        top = [PATHOLOGIES.index(p) for p in row["top_findings"].split(", ")]
+        prob = study.probabilities["fusion"]
+        titles = [f"{row['study_id']} (attention box)"] + [
+            f"{PATHOLOGIES[k]} {prob[k]:.2f}" + (" FLAGGED" if row[FLAG_COLUMNS[k]] else "") for k in top]
+        save_png(render_overlay(levels(study.display), study.display_box, study.cams_for(top, levels=True), titles), Path(out_dir) / row["overlay"])
+
+    def write_thumbnail(self, out_dir: Path, study: ScoredStudy) -> None:
+        """out_dir/<row thumbnail>: the small picture of the radiograph and its box for the report."""
+        save_png(thumbnail(study.display, study.display_box), Path(out_dir) / study.row["thumbnail"])
+
+    def write_json(self, out_dir: Path, study: ScoredStudy) -> None:
+        """out_dir/<row json>: the study's facts (`tasks.scoring.rows.study_json`)."""
+        atomic_write_json(Path(out_dir) / study.row["json"], study_json(study))
