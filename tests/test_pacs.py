@@ -565,7 +565,11 @@ def test_cxr_receive_takes_a_c_store_from_storescu(pacs_params, tmp_path):
         assert [p.name for p in incoming.iterdir()] == [received.name]  # no temporary file left
     finally:
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=30)
+        try:
+            rest, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # no listener left behind for the rest of the session
+            raise
     assert proc.returncode == 0 and "Traceback" not in rest and "receiver stopped" in rest
 
 
