@@ -170,16 +170,22 @@ class DicomWebSource:
 
     def instances(self, since: dt.date | None = None) -> list[Instance]:
         """Every CR/DX instance of the new studies (other series, such as our SR/SC, left out)."""
-        out = []
-        for study in self.studies(since):
-            study_uid = _value(study, _T_STUDY)
+        from concurrent.futures import ThreadPoolExecutor
+
+        def of_study(study: dict) -> list[Instance]:
+            study_uid, found = _value(study, _T_STUDY), []
             for series in self.qido(f"studies/{study_uid}/series"):
                 if _value(series, _T_MOD) not in MODALITIES:
                     continue
                 series_uid = _value(series, _T_SERIES)
                 for inst in self.qido(f"studies/{study_uid}/series/{series_uid}/instances"):
-                    out.append(Instance(study_uid, series_uid, _value(inst, _T_SOP), _value(inst, _T_CLASS)))
-        return out
+                    found.append(Instance(study_uid, series_uid, _value(inst, _T_SOP), _value(inst, _T_CLASS)))
+            return found
+
+        # Two small requests per study, each mostly waiting on the server: a few at a time
+        # (as the fetch does), in the studies' order.
+        with ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="qido") as pool:
+            return [inst for found in pool.map(of_study, self.studies(since)) for inst in found]
 
     # ------------------------------------------------------------------ WADO-RS
 
