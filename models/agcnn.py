@@ -15,8 +15,10 @@ from models.fusion import FusionHead
 def attention_crops(images: torch.Tensor, features: torch.Tensor, size: int, threshold: float = 0.7, mode: str = "max_abs") -> tuple[torch.Tensor, torch.Tensor]:
     """(crops (B, C, size, size), boxes (B, 4)) from images (B, C, H, W) and the global
     branch's features (B, C', h, w): the local branch's input."""
-    with torch.no_grad():
-        boxes = attention_boxes(features, tuple(images.shape[-2:]), threshold, mode)
+    # In float32 whatever autocast the caller runs under (CUDA training, bf16 scoring): a
+    # threshold on half-precision heatmaps moves boxes by whole pixels.
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+        boxes = attention_boxes(features.float(), tuple(images.shape[-2:]), threshold, mode)
     return crop_boxes(images, boxes, size), boxes
 
 

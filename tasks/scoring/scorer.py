@@ -28,7 +28,7 @@ from cxr.core.atomic import atomic_write_json
 from cxr.core.config import Params
 from cxr.core.errors import DataError
 from cxr.core.labels import BRANCHES, LABEL_COLUMNS, PATHOLOGIES
-from models.agcnn import AGCNNOutput, attention_crops
+from models.agcnn import AGCNNOutput
 from models.attention import crop_boxes
 from models.device import pick_device
 from tasks.bundle.bundle import Bundle
@@ -94,21 +94,14 @@ def resolve_precision(requested: str, device: torch.device, units: list[str] | N
 
 
 def model_forward(model, x: torch.Tensor, precision: str) -> AGCNNOutput:
-    """The AG-CNN forward; under "bf16" the same steps as `AGCNN.forward`, with the two
-    branches and the fusion head under bfloat16 autocast and the attention boxes and crops
-    between them computed in float32 from float32 features (a threshold on bf16 heatmaps
-    would move boxes by whole pixels)."""
+    """The AG-CNN forward; under "bf16" with the branches and the fusion head under bfloat16
+    autocast on channels-last input (the attention step inside runs in float32 regardless:
+    `models.agcnn.attention_crops`), its floating outputs returned as float32."""
     if precision != "bf16":
         return model(x)
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16)
-    x = x.contiguous(memory_format=torch.channels_last)
-    with autocast:
-        g = model.global_branch(x)
-    crops, boxes = attention_crops(x, g.features.float(), model.local_size, model.threshold, model.mode)
-    with autocast:
-        local = model.local_branch(crops.contiguous(memory_format=torch.channels_last))
-        fused = model.fusion(g.pooled, local.pooled)
-    return AGCNNOutput(g.logits.float(), local.logits.float(), fused.float(), boxes, g.features.float())
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        out = model(x.contiguous(memory_format=torch.channels_last))
+    return AGCNNOutput(*(t.float() if t.is_floating_point() else t for t in out))
 
 
 def prepare_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
