@@ -326,34 +326,12 @@ def _report_values(source: pydicom.Dataset, row: dict, digest: str, sop_uid: str
     return values
 
 
-def fast_structured_report(source: pydicom.Dataset, row: dict, thresholds: np.ndarray, digest: str) -> ComprehensiveSR:
-    """`structured_report`, equal dataset, from the shape's template (milliseconds, not hundreds)."""
-    from pydicom.dataelem import RawDataElement
-    from pydicom.tag import Tag
+def fast_structured_report(source: pydicom.Dataset, row: dict, thresholds: np.ndarray, digest: str) -> pydicom.Dataset:
+    """`structured_report`, equal dataset, as the write-back makes it (`_fast_sr`: the shape's
+    templates, milliseconds, not hundreds), read back."""
+    from io import BytesIO
 
-    from highdicom.sr import ImageContentItem
-
-    template = _template(thresholds, digest, row)
-    sop_uid = str(source.SOPInstanceUID)
-    # The text in the report's character set (the source's, as highdicom sets it).
-    charset = source.get("SpecificCharacterSet")
-    encodings = convert_encodings(charset) if charset else [default_encoding]
-    values = _report_values(source, row, digest, sop_uid, encodings)
-    body = template.render(values)
-    # The top level from highdicom over a one-item tree that references the source (the evidence).
-    small = pydicom.Dataset()
-    for elem in template.root_attrs:
-        small.add(elem)
-    small.ContentSequence = [ImageContentItem(
-        name=CodedConcept("260753009", "SCT", "Source"), referenced_sop_class_uid=source.SOPClassUID,
-        referenced_sop_instance_uid=source.SOPInstanceUID, relationship_type="CONTAINS")]
-    sr = _sr(source, small, digest)
-    sr[_CONTENT_SEQUENCE] = RawDataElement(Tag(_CONTENT_SEQUENCE), "SQ", 0xFFFFFFFF, body, 0, False, True)
-    # Written in the encoding it was made for: pydicom then copies the raw content as it is
-    # instead of parsing it to re-encode (the top level has no ambiguous VR to correct).
-    charset = convert_encodings(sr.SpecificCharacterSet) if "SpecificCharacterSet" in sr else default_encoding
-    sr.set_original_encoding(False, True, charset)
-    return sr
+    return pydicom.dcmread(BytesIO(_fast_sr(source, row, thresholds, digest)))
 
 
 def secondary_capture(source: pydicom.Dataset, overlay_png: Path, digest: str) -> hd.sc.SCImage:
@@ -885,7 +863,7 @@ def encoded_results(header: pydicom.Dataset, row: dict, out_dir: Path, threshold
     the templates above; highdicom builds (and pydicom encodes) any object a template cannot make."""
     scored = row["status"] == "scored"
     overlay = Path(out_dir) / row["overlay"] if scored and row.get("overlay") else None
-    boxed = scored and "Rows" in header and all(_num(row.get(c)) is not None for c in BOX_COLUMNS)
+    boxed = scored and _has_box(header, row)
     out = []
     try:
         out.append(_fast_sr(header, row, thresholds, digest))
@@ -897,6 +875,11 @@ def encoded_results(header: pydicom.Dataset, row: dict, out_dir: Path, threshold
         log.warning("result template not usable (%s); building the objects in full", exc)
         out = [_file_bytes(ds) for ds in result_datasets(header, row, out_dir, thresholds, digest)]
     return out
+
+
+def _has_box(header: pydicom.Dataset, row: dict) -> bool:
+    """Whether the presentation state can be drawn: an image to draw on and the whole box."""
+    return "Rows" in header and all(_num(row.get(c)) is not None for c in BOX_COLUMNS)
 
 
 def _file_bytes(ds: pydicom.Dataset) -> bytes:
@@ -914,7 +897,7 @@ def result_datasets(header: pydicom.Dataset, row: dict, out_dir: Path, threshold
     if row["status"] == "scored":
         if row.get("overlay") and (out_dir / row["overlay"]).exists():
             datasets.append(secondary_capture(header, out_dir / row["overlay"], digest))
-        if "Rows" in header and all(_num(row.get(c)) is not None for c in BOX_COLUMNS):
+        if _has_box(header, row):
             datasets.append(presentation_state(header, row, digest))
     return datasets
 
