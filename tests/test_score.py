@@ -395,10 +395,10 @@ def test_a_failed_write_leaves_no_half_output_and_the_rerun_completes(params, ni
     failing = sorted(p.name for p in nih_inputs.iterdir())[9]  # the third batch of 4
     real_save = score.save_png
 
-    def disk_full_on_one_study(image, path):
+    def disk_full_on_one_study(image, path, **kw):
         if Path(path).name == f"{failing}.png" and "overlays" in Path(path).parts:
             raise OSError(28, "No space left on device", str(path))
-        real_save(image, path)
+        real_save(image, path, **kw)
 
     monkeypatch.setattr(score, "save_png", disk_full_on_one_study)
     out = tmp_path / "out"

@@ -2,6 +2,12 @@
 
 Readers see either the previous complete file or the new complete one, never a half-written
 output, even when the process is killed or the disk fills up mid-write.
+
+Many small files that become valid together (a scoring batch's JSON and pictures, made
+valid by the batch's part file) can defer the flush to disk: `atomic_path(..., durable=False)`
+still renames a complete file into place (a killed process never leaves a half-written one),
+and `make_durable(paths)` then flushes them and their folders once, before the file that
+commits them is written. One fsync per folder per batch, not one per file.
 """
 
 from __future__ import annotations
@@ -39,12 +45,33 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def make_durable(paths) -> None:
+    """Flush files written with `atomic_path(..., durable=False)` and their folders to disk
+    (each folder once): after this returns they survive a power cut, like a durable write.
+    A path that does not exist is skipped (nothing was written there)."""
+    folders = {}
+    for path in paths:
+        path = Path(path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        folders.setdefault(path.parent, None)
+    for folder in folders:
+        _fsync_dir(folder)
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it replaces `target`.
 
     Writers that need a path (pyarrow, PIL, safetensors) write there; on any exception the
-    temporary file is removed and the previous `target` is left untouched.
+    temporary file is removed and the previous `target` is left untouched. `durable=False`
+    leaves the flush to a later `make_durable` (the rename is atomic either way).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -56,24 +83,26 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        if durable:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        if durable:
+            _fsync_dir(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
 
 
-def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(target) as tmp:
+def atomic_write_bytes(target: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
+    with atomic_path(target, durable=durable) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(target: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(target, text.encode("utf-8"))
+def atomic_write_text(target: str | os.PathLike, text: str, *, durable: bool = True) -> None:
+    atomic_write_bytes(target, text.encode("utf-8"), durable=durable)
 
 
-def atomic_write_json(target: str | os.PathLike, obj) -> None:
-    atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def atomic_write_json(target: str | os.PathLike, obj, *, durable: bool = True) -> None:
+    atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n", durable=durable)

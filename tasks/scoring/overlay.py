@@ -178,9 +178,13 @@ def render_overlay(gray: np.ndarray, box, cams: np.ndarray, titles: list[str], a
 
 
 def thumbnail(gray: np.ndarray, box, longest: int = 128) -> np.ndarray:
-    """Small (h, w, 3) uint8 RGB picture of the radiograph with its box, for the HTML report."""
+    """Small (h, w, 3) uint8 RGB picture of the radiograph with its box, for the HTML report.
+
+    gray: (h, w) float [0, 1] or uint8 levels. Shrunk from the levels (Pillow's 8-bit
+    resampling, a tenth of its float path's time): a thumbnail needs no finer grey."""
     shape = display_shape(*gray.shape, longest)
-    small = _levels(resize_gray(gray, shape))
+    base = _levels(gray)
+    small = base if base.shape == shape else np.asarray(Image.fromarray(base).resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
     rgb = np.repeat(small[..., None], 3, axis=2)
     _outline(rgb, scale_box(box, gray.shape, shape), 1)
     return rgb
@@ -209,10 +213,11 @@ def encode_png(rgb: np.ndarray, level: int = 1) -> bytes:
     return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", isal_zlib.compress(scan.tobytes(), level)) + chunk(b"IEND", b"")
 
 
-def save_png(image: Image.Image | np.ndarray, path: Path) -> None:
-    """Write an RGB picture (an (H, W, 3) uint8 array or a Pillow image) as PNG, atomically.
+def save_png(image: Image.Image | np.ndarray, path: Path, *, durable: bool = True) -> None:
+    """Write an RGB picture (an (H, W, 3) uint8 array or a Pillow image) as PNG, atomically
+    (`durable=False`: flushed later, by the batch that commits it: `cxr.core.atomic`).
     Deflate level 1: overlays are written per study in the hot loop of scoring, where size
     matters less than time."""
     rgb = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else image
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=durable) as tmp:
         tmp.write_bytes(encode_png(rgb))

@@ -41,7 +41,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxr.core.atomic import atomic_path
+from cxr.core.atomic import atomic_path, make_durable
 from cxr.core.config import Params
 from cxr.core.errors import DataError
 from cxr.core.progress import report
@@ -150,15 +150,31 @@ def context_scorer(context: ScoreContext) -> Scorer:
     return Scorer.load(context.params, models_dir=context.models_dir, digest=context.digest)
 
 
-def commit_batch(out_dir: Path, run_id: str, index: int, scored: list[ScoredStudy]) -> dict:
-    """The batch's part file (after every per-study file of it is written); its counts."""
+def batch_files(out_dir: Path, scored: list[ScoredStudy]) -> list[str]:
+    """The per-study files of a batch's rows (JSON, overlay, thumbnail), as paths."""
+    return [str(Path(out_dir) / s.row[k]) for s in scored for k in ("json", "overlay", "thumbnail") if s.row[k]]
+
+
+def flush_batch(out_dir: Path, scored: list[ScoredStudy], writes: list[Future]) -> None:
+    """Once the batch's writes are done, flush its files to disk (one fsync per file and
+    folder, on a writer thread: the forward pass never waits on the disk)."""
+    for f in writes:
+        f.result()
+    make_durable(batch_files(out_dir, scored))
+
+
+def commit_batch(out_dir: Path, run_id: str, index: int, scored: list[ScoredStudy], *, flushed: bool = False) -> dict:
+    """The batch's part file, after every per-study file of it is written and on disk (the
+    part is what makes them part of the run; `flushed`: `flush_batch` did it); its counts."""
     rows = [s.row for s in scored]
+    written = batch_files(out_dir, scored)
+    if not flushed:
+        make_durable(written)
     # Column by column: one conversion per column, not a dict walk per row.
     table = pa.Table.from_pydict({c: [r[c] for r in rows] for c in SCHEMA.names}, schema=SCHEMA)
     with atomic_path(_part_path(out_dir, run_id, index)) as tmp:
         pq.write_table(table, tmp)
     n_scored = sum(r["status"] == "scored" for r in rows)
-    written = [str(Path(out_dir) / r[k]) for r in rows for k in ("json", "overlay", "thumbnail") if r[k]]
     return {"shard": index, "scored": n_scored, "rejected": len(rows) - n_scored, "written": written}
 
 
@@ -174,7 +190,7 @@ def score_shard(context: ScoreContext, index: int, studies: list[Study], workers
     out_dir, pictures = context.out_dir, context.params.score.pictures
     with ThreadPoolExecutor(max(1, workers)) as pool:
         scored = scorer.infer(list(pool.map(scorer.prepare, [st.fresh() for st in studies])), context.run_id)
-        list(pool.map(lambda st: scorer.write(out_dir, st, pictures=pictures), scored))
+        list(pool.map(lambda st: scorer.write(out_dir, st, pictures=pictures, durable=False), scored))
     return commit_batch(out_dir, context.run_id, index, scored)
 
 
@@ -195,8 +211,9 @@ def run_shards(plan: ScorePlan, *, workers: int = 2, stop_after_batches: int | N
     watch = _Watch(sum(len(b) for b in shards), len(shards))
     decoding: deque[list[Future]] = deque()
     writing: deque[tuple[int, list[ScoredStudy], list[Future]]] = deque()
-    # Twice the writers: each study's three files are fsynced (cxr.core.atomic), and a writer
-    # waiting on the disk holds no core.
+    # Twice the writers: a writer waiting on the disk holds no core. A batch's files are
+    # flushed to disk once, by a writer after the batch's writes (`flush_batch`), before its
+    # part commits them: no fsync per file and folder, and none on the forward's thread.
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="cxr-decode") as decoders, \
             ThreadPoolExecutor(2 * max(1, workers), thread_name_prefix="cxr-write") as writers:
         try:
@@ -208,8 +225,8 @@ def run_shards(plan: ScorePlan, *, workers: int = 2, stop_after_batches: int | N
                 _queue_decode(decoders, decoding, queued, scorer)
                 scored = scorer.infer(prepared, run_id)
                 del prepared
-                writing.append((index, scored, [writers.submit(scorer.write, out_dir, st, pictures=pictures)
-                                                for st in scored]))
+                writes = [writers.submit(scorer.write, out_dir, st, pictures=pictures, durable=False) for st in scored]
+                writing.append((index, scored, [*writes, writers.submit(flush_batch, out_dir, scored, writes)]))
                 # Commit finished batches; wait only when `ahead` batches are already being written.
                 while writing and (len(writing) > ahead or all(f.done() for f in writing[0][2])):
                     results.append(watch.committed(_commit_written(out_dir, run_id, writing.popleft())))
@@ -256,7 +273,7 @@ def _commit_written(out_dir: Path, run_id: str, pending: tuple[int, list[ScoredS
     index, scored, futures = pending
     for f in futures:
         f.result()  # raises the batch's first write error: no part for a batch with a missing file
-    return commit_batch(out_dir, run_id, index, scored)
+    return commit_batch(out_dir, run_id, index, scored, flushed=True)
 
 
 def _part_path(out_dir: Path, run_id: str, index: int) -> Path:

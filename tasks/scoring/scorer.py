@@ -345,30 +345,37 @@ class Scorer:
 
     # ------------------------------------------------------------------ outputs
 
-    def write(self, out_dir: Path, study: ScoredStudy, *, pictures: bool = True) -> None:
+    def write(self, out_dir: Path, study: ScoredStudy, *, pictures: bool = True, durable: bool = True) -> None:
         """The per-study JSON (out_dir/<row json>) and, with pictures, the overlay and thumbnail PNGs.
 
         Each file is written atomically; the JSON comes last, so a study whose JSON exists
-        has all its files.
+        has all its files. `durable=False` leaves their flush to disk to the caller (the batch
+        pipeline flushes a batch's files once, before its part file commits them).
         """
         if pictures and study.row["overlay"] and study.display is not None:
-            self.write_overlay(out_dir, study)
-            self.write_thumbnail(out_dir, study)
-        self.write_json(out_dir, study)
+            grey = levels(study.display)  # once for both pictures
+            self.write_overlay(out_dir, study, grey=grey, durable=durable)
+            self.write_thumbnail(out_dir, study, grey=grey, durable=durable)
+        self.write_json(out_dir, study, durable=durable)
 
-    def write_overlay(self, out_dir: Path, study: ScoredStudy) -> None:
+    def write_overlay(self, out_dir: Path, study: ScoredStudy, *, grey: np.ndarray | None = None,
+                      durable: bool = True) -> None:
         """out_dir/<row overlay>: the radiograph with its box and a panel per top finding."""
         row = study.row
         top = [PATHOLOGIES.index(p) for p in row["top_findings"].split(", ")]
         prob = study.probabilities["fusion"]
         titles = [f"{row['study_id']} (attention box)"] + [
             f"{PATHOLOGIES[k]} {prob[k]:.2f}" + (" FLAGGED" if row[FLAG_COLUMNS[k]] else "") for k in top]
-        save_png(render_overlay(levels(study.display), study.display_box, study.cams_for(top, levels=True), titles), Path(out_dir) / row["overlay"])
+        grey = levels(study.display) if grey is None else grey
+        save_png(render_overlay(grey, study.display_box, study.cams_for(top, levels=True), titles),
+                 Path(out_dir) / row["overlay"], durable=durable)
 
-    def write_thumbnail(self, out_dir: Path, study: ScoredStudy) -> None:
+    def write_thumbnail(self, out_dir: Path, study: ScoredStudy, *, grey: np.ndarray | None = None,
+                        durable: bool = True) -> None:
         """out_dir/<row thumbnail>: the small picture of the radiograph and its box for the report."""
-        save_png(thumbnail(study.display, study.display_box), Path(out_dir) / study.row["thumbnail"])
+        save_png(thumbnail(study.display if grey is None else grey, study.display_box),
+                 Path(out_dir) / study.row["thumbnail"], durable=durable)
 
-    def write_json(self, out_dir: Path, study: ScoredStudy) -> None:
+    def write_json(self, out_dir: Path, study: ScoredStudy, *, durable: bool = True) -> None:
         """out_dir/<row json>: the study's facts (`tasks.scoring.rows.study_json`)."""
-        atomic_write_json(Path(out_dir) / study.row["json"], study_json(study))
+        atomic_write_json(Path(out_dir) / study.row["json"], study_json(study), durable=durable)
