@@ -149,3 +149,33 @@ def test_atomic_outputs_get_the_mode_of_any_other_file(tmp_path):
         tmp.write_bytes(b"y")
     for name in ("a.bin", "b.parquet"):
         assert (tmp_path / name).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_deferred_flush_writes_whole_files_and_flushes_each_file_and_folder_once(tmp_path, monkeypatch):
+    """A scoring batch's files: renamed into place whole at once, flushed to disk together later
+    (`make_durable`), one fsync per file and one per folder; a failed write leaves the old file."""
+    import cxr.core.atomic as atomic
+
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", recording_fsync)
+    targets = [tmp_path / "studies" / "a.json", tmp_path / "studies" / "b.json", tmp_path / "overlays" / "a.png"]
+    for i, target in enumerate(targets):
+        atomic.atomic_write_bytes(target, b"x" * (i + 1), durable=False)
+    assert synced == [] and [t.read_bytes() for t in targets] == [b"x", b"xx", b"xxx"]
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_path(targets[0], durable=False) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed mid-write")
+    assert targets[0].read_bytes() == b"x" and not list(tmp_path.rglob("*.tmp"))
+
+    atomic.make_durable([*map(str, targets), tmp_path / "studies" / "never-written.json"])
+    assert sorted(synced) == sorted([*map(str, targets), str(tmp_path / "studies"), str(tmp_path / "overlays")])
+    synced.clear()
+    atomic.atomic_write_bytes(tmp_path / "c.bin", b"c")  # the default: the file before its rename, then the folder
+    assert len(synced) == 2 and Path(synced[0]).name.startswith(".c.bin.") and synced[1] == str(tmp_path)

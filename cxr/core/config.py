@@ -230,8 +230,12 @@ class ScoreParams(_Strict):
     min_side: int = Field(32, ge=1)
     # Files larger than this are rejected unread: no radiograph is this big, a mistaken upload may be.
     max_bytes: int = Field(200_000_000, ge=1)
-    # Longest side of the radiograph panels in the overlay PNGs.
-    overlay_size: int = Field(384, ge=64, le=2048)
+    # Longest side of the radiograph panels in the overlay PNGs. 256: the radiograph and three
+    # maps side by side are 1024 px wide, shown unscaled on a laptop screen; the maps come from a
+    # 4x4 to 8x8 feature grid, so a larger panel adds no detail to them. Drawing and compressing
+    # the overlay is most of scoring's non-model work (benchmarks/bench_score.py): 384 px costs
+    # 2.25x the pixels of 256.
+    overlay_size: int = Field(256, ge=64, le=2048)
     # Out of distribution (tasks/ood.py). Non-radiographs (photos, text, noise, MR/CT slices) are
     # refused by a model-free precheck unless "off". A radiograph unlike this model's training
     # data (feature-space distance over the gate's threshold): "reject" refuses it, "flag" scores
