@@ -108,15 +108,20 @@ def split_counts(params: Params) -> dict:
 
 #: At most this many images per split feed the gate's image statistics (seeded sample).
 GATE_STATS_IMAGES = 5000
+#: At most this many images per split feed the gate's feature Gaussian and its threshold (seeded
+#: sample): a 512- to 2048-dim covariance is well estimated from 20,000 images, and registration's
+#: memory stays flat however large the archive (the whole of a 78,000-image train split in float64,
+#: with Ledoit-Wolf's copies, took 2.7 GB at F = 1 in benchmarks/bench_archive.py).
+GATE_FEATURE_IMAGES = 20000
 
 
-def _split_pixels(params: Params, split: str, limit: int) -> np.ndarray:
-    """(N, S, S) uint8 network inputs of (a seeded sample of at most `limit` images of) a split."""
+def _sample(part, limit: int, seed: int):
+    return part.sample(n=limit, random_state=seed) if len(part) > limit else part
+
+
+def _split_pixels(params: Params, split: str, part) -> np.ndarray:
+    """(N, S, S) uint8 network inputs of the split's images in `part` (rows of splits.parquet)."""
     paths = params.paths
-    splits = read_splits(Path(paths.processed) / "splits.parquet")
-    part = splits[splits["split"] == split]
-    if len(part) > limit:
-        part = part.sample(n=limit, random_state=params.seed)
     meta = read_metadata(Path(paths.interim) / "metadata.parquet")
     data = load_split(meta, part, split, Path(paths.images), params.model, Path(paths.cache) / "images")
     return data.pixels.numpy()
@@ -125,16 +130,19 @@ def _split_pixels(params: Params, split: str, limit: int) -> np.ndarray:
 def fit_model_gate(params: Params, digest: str) -> OODGate:
     """The two-part out-of-distribution gate: the crop cache's global pooled features (the
     plain view, as scoring sees it) and the image statistics of the network inputs of the train
-    split, thresholded on the valid split."""
+    split, thresholded on the valid split (each at most a seeded sample of GATE_FEATURE_IMAGES;
+    the train statistics of GATE_STATS_IMAGES)."""
     cache = ensure_crop_cache(params)  # already up to date after stage III; rebuilt if stale
     splits = read_splits(Path(params.paths.processed) / "splits.parquet")
-    pooled = {}
+    pooled, parts = {}, {}
     for split in ("train", "valid"):
-        ids = [i for i in splits.loc[splits["split"] == split, "image_id"] if i in cache]
+        part = splits[(splits["split"] == split) & splits["image_id"].map(lambda i: i in cache)]
+        parts[split] = part = _sample(part, GATE_FEATURE_IMAGES, params.seed)
+        ids = list(part["image_id"])
         pooled[split] = cache.get("pooled", cache.rows(ids))[:, 0] if ids else np.empty((0, 0), np.float32)
     return fit_gate(pooled["train"], pooled["valid"], digest, params.score.ood_false_rejection,
-                    train_pixels=_split_pixels(params, "train", GATE_STATS_IMAGES),
-                    valid_pixels=_split_pixels(params, "valid", 10**9))  # all of valid: the same images as `pooled`
+                    train_pixels=_split_pixels(params, "train", _sample(parts["train"], GATE_STATS_IMAGES, params.seed)),
+                    valid_pixels=_split_pixels(params, "valid", parts["valid"]))  # the same images as `pooled`
 
 
 def validation_branch_predictions(params: Params, model: torch.nn.Module,
