@@ -196,7 +196,11 @@ class DicomWebSource:
         """
         path = f"studies/{inst.study_instance_uid}/series/{inst.series_instance_uid}/instances/{inst.sop_instance_uid}"
         accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-        response = self.request("GET", path, headers={"Accept": accept}, stream=True)
+        # identity: the PACS sends the DICOM bytes as stored. A gzip answer (what requests asks
+        # for by default, and what Orthanc gives unless told otherwise) costs the PACS a
+        # compression and us a decompression per instance, for pixels that shrink little and a
+        # network (the hospital's, or loopback) that is not the bottleneck.
+        response = self.request("GET", path, headers={"Accept": accept, "Accept-Encoding": "identity"}, stream=True)
         limit = max_bytes + 64 * 1024  # the multipart envelope
         with response, tempfile.TemporaryFile(dir=dest.parent) as raw:
             size = 0
@@ -220,7 +224,9 @@ class DicomWebSource:
         if len(body) > max_bytes:
             raise DataError(f"instance of {len(body)} bytes is over the limit of {max_bytes} bytes (score.max_bytes)",
                             where=inst.sop_instance_uid)
-        with atomic_path(dest) as tmp:
+        # Whole or absent, but not flushed to disk: a retrieved copy lives only for this run
+        # and is fetched again if the run dies before its rows are committed.
+        with atomic_path(dest, durable=False) as tmp:
             Path(tmp).write_bytes(body)
 
     # ------------------------------------------------------------------ STOW-RS
