@@ -130,7 +130,7 @@ def paging(n: int, repeats: int = 7) -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-app-paging-") as tmp:
         tmp = Path(tmp)
-        params = bench_params(tmp / "models", 128, 16)
+        params = bench_params(tmp / "models", 128, 16, overlay_size=384)  # as app.json was measured
         runs = tmp / "runs"
         params = params.model_copy(update={
             "paths": params.paths.model_copy(update={"roots": (*params.paths.roots, tmp)}),
@@ -248,7 +248,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-app-") as tmp:
         tmp = Path(tmp)
-        params = bench_params(tmp / "models", 128, 16)
+        params = bench_params(tmp / "models", 128, 16, overlay_size=384)  # as app.json was measured
         params = params.model_copy(update={
             "paths": params.paths.model_copy(update={"roots": (*params.paths.roots, tmp)}),
             "app": params.app.model_copy(update={"store": tmp / "store", "runs": (tmp / "runs",)})})
