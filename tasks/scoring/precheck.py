@@ -173,12 +173,15 @@ def precheck(image: np.ndarray, facts: dict) -> str | None:
     if modality:
         if str(modality).strip().upper() not in RADIOGRAPH_MODALITIES:
             return f"{OOD_PREFIX}the DICOM modality is {modality}, not a projection radiograph"
+    # One pass over the full-size image: every statistic below is taken at WORK px, and box
+    # averaging commutes with the polarity flip, so the work image serves them all (a 1024-px
+    # film was resized three times and inverted whole before).
     work = _resize(image, WORK)
     if float(work.std()) < BLANK_LIMIT:
         return (f"{OOD_PREFIX}a blank image (intensity standard deviation {float(work.std()):.3f} at "
                 f"{WORK} px; radiographs are above {BLANK_LIMIT:g})")
     ref = _reference()
-    stats = image_statistics(canonical_polarity(image))
+    stats = image_statistics(canonical_polarity(work))
     name, dist = ref.nearest(stats)
     if dist > ref.limit:
         return (f"{OOD_PREFIX}image statistics unlike a chest radiograph (Mahalanobis distance {dist:.1f} to the "
