@@ -340,7 +340,6 @@ def main() -> None:
     if args.only:
         if key not in fractions or not (work / "stages").is_dir():
             raise SystemExit(f"--only needs a finished run of F={key} in {work} (run --fraction {key} first)")
-        fractions[key] = json.loads(json.dumps(fractions[key]))
         fractions[key]["stages"][args.only] = {**measure(args.only, work, args.fraction),
                                                "rerun_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     else:

@@ -31,18 +31,20 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
-def _fsync_dir(directory: Path) -> None:
-    # The rename is only durable once the directory entry itself is on disk.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
+def _fsync(path: Path) -> None:
+    """Flush one file or folder to disk (errors raised)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is only durable once the directory entry itself is on disk. Some file
+    # systems cannot open or fsync a folder: the file itself is already flushed then.
+    with contextlib.suppress(OSError):
+        _fsync(directory)
 
 
 def make_durable(paths) -> None:
@@ -50,16 +52,11 @@ def make_durable(paths) -> None:
     (each folder once): after this returns they survive a power cut, like a durable write.
     A path that does not exist is skipped (nothing was written there)."""
     folders = {}
-    for path in paths:
-        path = Path(path)
+    for path in map(Path, paths):
         try:
-            fd = os.open(path, os.O_RDONLY)
+            _fsync(path)
         except FileNotFoundError:
             continue
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         folders.setdefault(path.parent, None)
     for folder in folders:
         _fsync_dir(folder)
@@ -84,8 +81,7 @@ def atomic_path(target: str | os.PathLike, *, durable: bool = True) -> Iterator[
     try:
         yield tmp
         if durable:
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
+            _fsync(tmp)
         os.replace(tmp, target)
         if durable:
             _fsync_dir(target.parent)
