@@ -25,16 +25,34 @@ def test_cpu_bf16_units_are_read_from_the_cpu_flags(tmp_path):
     assert cpu_bf16_units(tmp_path / "missing") == []
 
 
-def test_bf16_falls_back_to_fp32_without_bf16_units(caplog):
-    with caplog.at_level(logging.INFO, logger="cxr.score"):
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_bf16_falls_back_to_fp32_without_bf16_units(monkeypatch):
+    # A handler on the scorer's own logger, enabled at INFO: what other tests in this worker did
+    # to the logging tree (Prefect's and the CLI's set-up: levels, propagation, disabled
+    # loggers) must not decide what this test sees. pytest's caplog listens on the root only.
+    logger = logging.getLogger("cxr.score")
+    handler = _Records()
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    logger.addHandler(handler)
+    try:
         assert resolve_precision("bf16", CPU, units=[]) == "fp32"
-    lines = [r.getMessage() for r in caplog.records if "score.precision" in r.getMessage()]
-    assert len(lines) == 1 and "scoring in fp32" in lines[0] and "avx512_bf16" in lines[0]
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="cxr.score"):
+        lines = [r.getMessage() for r in handler.records if "score.precision" in r.getMessage()]
+        assert len(lines) == 1 and "scoring in fp32" in lines[0] and "avx512_bf16" in lines[0]
+        handler.records.clear()
         assert resolve_precision("bf16", CPU, units=["avx512_bf16"]) == "bf16"
         assert resolve_precision("fp32", CPU, units=["amx_bf16"]) == "fp32"  # never bf16 unless asked
-    assert not [r for r in caplog.records if "score.precision" in r.getMessage()]
+        assert not [r for r in handler.records if "score.precision" in r.getMessage()]
+    finally:
+        logger.removeHandler(handler)
 
 
 def _model_and_pixels(size: int = 64, n: int = 6):
