@@ -290,6 +290,18 @@ def test_score_from_pacs_and_write_back(orthanc, pacs, pacs_params, creds, tmp_p
     assert not [p for p in out.rglob("*") if p.is_file() and secret in p.read_bytes()]
 
 
+def test_the_query_pages_through_a_pacs_that_caps_its_answers(orthanc, pacs, monkeypatch):
+    from tasks.scoring import dicomweb
+
+    monkeypatch.setattr(dicomweb, "QIDO_PAGE", 1)  # a page per instance: every page but the last is full
+    source = dicomweb.DicomWebSource(orthanc["url"], user=orthanc["user"], password=orthanc["password"])
+    found = source.instances()
+    assert sorted(i.sop_instance_uid for i in found) == sorted(str(pacs[k].SOPInstanceUID) for k in ("real", "dx", "knee"))
+    dx = next(i for i in found if i.sop_instance_uid == str(pacs["dx"].SOPInstanceUID))
+    assert (dx.study_instance_uid, dx.series_instance_uid) == (str(pacs["dx"].StudyInstanceUID), str(pacs["dx"].SeriesInstanceUID))
+    assert source.instances(dt.date(2999, 1, 1)) == []
+
+
 def test_wrong_password_is_one_clear_error(orthanc, pacs, pacs_params, monkeypatch, tmp_path):
     from cxr.core.errors import DataError
     from tasks.scoring.dicomweb import score_dicomweb

@@ -47,6 +47,8 @@ MODALITIES = ("CR", "DX")
 STATE_FILE = "pacs_state.json"
 # Concurrent WADO-RS retrievals (and STOW-RS stores) of one run.
 FETCH_THREADS = 4
+# Matches asked for per QIDO-RS request (a page; the query goes on until one comes back short).
+QIDO_PAGE = 1000
 # Image storage SOP classes a chest radiograph may come in.
 IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1",  # CR
@@ -157,35 +159,35 @@ class DicomWebSource:
 
     # ------------------------------------------------------------------ QIDO-RS
 
-    def studies(self, since: dt.date | None = None) -> list[dict]:
-        """CR/DX studies (StudyDate >= since when given), one query per modality, unique by UID."""
-        found: dict[str, dict] = {}
+    def instances(self, since: dt.date | None = None) -> list[Instance]:
+        """Every CR/DX instance (of studies dated `since` or later, when given), unique by UID.
+
+        One instance-level query per modality at the DICOMweb root, paged: a request per page
+        of QIDO_PAGE instances rather than two per study (its series, then each series'
+        instances). Modality is the series' own, so other series of a study (our SR and SC
+        among them) are left out by the query.
+        """
+        found: dict[str, Instance] = {}
         for modality in MODALITIES:
-            params = {"ModalitiesInStudy": modality, "includefield": "StudyDate", "limit": "100000"}
+            params = {"Modality": modality}
             if since is not None:
                 params["StudyDate"] = since.strftime("%Y%m%d") + "-"
-            for item in self.qido("studies", params):
-                found.setdefault(_value(item, _T_STUDY), item)
+            for item in self._paged("instances", params):
+                sop = _value(item, _T_SOP)
+                if sop and sop not in found:
+                    found[sop] = Instance(_value(item, _T_STUDY), _value(item, _T_SERIES), sop, _value(item, _T_CLASS))
         return list(found.values())
 
-    def instances(self, since: dt.date | None = None) -> list[Instance]:
-        """Every CR/DX instance of the new studies (other series, such as our SR/SC, left out)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        def of_study(study: dict) -> list[Instance]:
-            study_uid, found = _value(study, _T_STUDY), []
-            for series in self.qido(f"studies/{study_uid}/series"):
-                if _value(series, _T_MOD) not in MODALITIES:
-                    continue
-                series_uid = _value(series, _T_SERIES)
-                for inst in self.qido(f"studies/{study_uid}/series/{series_uid}/instances"):
-                    found.append(Instance(study_uid, series_uid, _value(inst, _T_SOP), _value(inst, _T_CLASS)))
-            return found
-
-        # Two small requests per study, each mostly waiting on the server: a few at a time
-        # (as the fetch does), in the studies' order.
-        with ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="qido") as pool:
-            return [inst for found in pool.map(of_study, self.studies(since)) for inst in found]
+    def _paged(self, path: str, params: dict):
+        """The matches of one QIDO-RS query, page by page (`limit`, `offset`) until a page
+        comes back short: a PACS may cap one answer below what it holds."""
+        offset = 0
+        while True:
+            page = self.qido(path, {**params, "limit": str(QIDO_PAGE), "offset": str(offset)})
+            yield from page
+            if len(page) < QIDO_PAGE:
+                return
+            offset += len(page)
 
     # ------------------------------------------------------------------ WADO-RS
 
