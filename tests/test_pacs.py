@@ -245,6 +245,10 @@ def test_score_from_pacs_and_write_back(orthanc, pacs, pacs_params, creds, tmp_p
         sc = _wado(orthanc, src.StudyInstanceUID, sc_series, sc_sop)
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
         assert "NOT FOR DIAGNOSIS" in sc.ImageComments and sc.BurnedInAnnotation == "YES"
+        # JPEG baseline, said to be lossy, and the overlay PNG's picture within its compression.
+        assert sc.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50" and sc.LossyImageCompression == "01"
+        overlay = np.asarray(Image.open(out / row["overlay"]).convert("RGB"), dtype=np.float64)
+        assert sc.pixel_array.shape == overlay.shape and np.abs(sc.pixel_array - overlay).mean() < 4.0
         # The attention box as a presentation state over the source image, in its pixel corners.
         prs = _series_of(orthanc, src.StudyInstanceUID, "PR")
         assert len(prs) == 1

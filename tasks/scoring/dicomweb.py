@@ -249,7 +249,7 @@ class DicomWebSource:
         chunks.append(f"--{boundary}--\r\n".encode())
         self.request("POST", f"studies/{study_uid}", data=b"".join(chunks), headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Accept": "application/dicom+json"})
+            "Accept": "application/dicom+json", "Accept-Encoding": "identity"})  # a short answer: not worth gzip
 
 
 def _unquote(text: str) -> str:
