@@ -172,19 +172,25 @@ class DicomWebSource:
             params = {"Modality": modality}
             if since is not None:
                 params["StudyDate"] = since.strftime("%Y%m%d") + "-"
-            for item in self._paged("instances", params):
-                sop = _value(item, _T_SOP)
-                if sop and sop not in found:
-                    found[sop] = Instance(_value(item, _T_STUDY), _value(item, _T_SERIES), sop, _value(item, _T_CLASS))
+            for page in self._pages("instances", params):
+                new = 0
+                for item in page:
+                    sop = _value(item, _T_SOP)
+                    if sop and sop not in found:
+                        found[sop] = Instance(_value(item, _T_STUDY), _value(item, _T_SERIES), sop, _value(item, _T_CLASS))
+                        new += 1
+                if not new:  # a PACS that ignores `offset` answers the same page again: that is all
+                    break
         return list(found.values())
 
-    def _paged(self, path: str, params: dict):
+    def _pages(self, path: str, params: dict):
         """The matches of one QIDO-RS query, page by page (`limit`, `offset`) until a page
         comes back short: a PACS may cap one answer below what it holds."""
         offset = 0
         while True:
             page = self.qido(path, {**params, "limit": str(QIDO_PAGE), "offset": str(offset)})
-            yield from page
+            if page:
+                yield page
             if len(page) < QIDO_PAGE:
                 return
             offset += len(page)
