@@ -13,22 +13,35 @@ commits them is written. One fsync per folder per batch, not one per file.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+# Temporary names: `.<target name>.<pid>-<n>.tmp`, unique within a process without a random draw.
+_SERIAL = itertools.count()
 
 
-# mkstemp makes owner-only (0600) files; an output gets the mode any other file would (0644
-# under the usual umask), so a colleague, the web server's user or a DVC share can read it.
-_FILE_MODE = 0o666 & ~_umask()
+def _open_temp(target: Path) -> tuple[int, Path]:
+    """A new empty temporary file beside `target`: its descriptor (open for writing) and path.
+
+    Created exclusively (a leftover of an earlier process with the same pid is stepped over),
+    with the mode a plain open() gives under the umask (0644 usually, not mkstemp's 0600), so
+    a colleague, the web server's user or a DVC share can read the output. The folder is made
+    when the create finds none, not checked before every write: scoring writes three files a
+    study.
+    """
+    for _ in range(1000):
+        tmp = target.parent / f".{target.name}.{os.getpid()}-{next(_SERIAL)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileNotFoundError:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {target}")
 
 
 def _fsync(path: Path) -> None:
@@ -71,13 +84,8 @@ def atomic_path(target: str | os.PathLike, *, durable: bool = True) -> Iterator[
     leaves the flush to a later `make_durable` (the rename is atomic either way).
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.fchmod(fd, _FILE_MODE)
-    finally:
-        os.close(fd)
-    tmp = Path(tmp_name)
+    fd, tmp = _open_temp(target)
+    os.close(fd)
     try:
         yield tmp
         if durable:
@@ -92,8 +100,26 @@ def atomic_path(target: str | os.PathLike, *, durable: bool = True) -> Iterator[
 
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
-    with atomic_path(target, durable=durable) as tmp:
-        tmp.write_bytes(data)
+    """`data` as `target`, atomically: written through the temporary file's own descriptor
+    (no second open), flushed before the rename unless `durable=False`."""
+    target = Path(target)
+    fd, tmp = _open_temp(target)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        if durable:
+            _fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
 
 
 def atomic_write_text(target: str | os.PathLike, text: str, *, durable: bool = True) -> None:

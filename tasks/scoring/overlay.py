@@ -20,7 +20,7 @@ import numpy as np
 from isal import isal_zlib
 from PIL import Image, ImageDraw, ImageFont
 
-from cxr.core.atomic import atomic_path
+from cxr.core.atomic import atomic_write_bytes
 from tasks.images.geometry import scale_box
 
 # Control points of a jet-like map (blue -> cyan -> yellow -> red): readable on grey film.
@@ -219,5 +219,4 @@ def save_png(image: Image.Image | np.ndarray, path: Path, *, durable: bool = Tru
     Deflate level 1: overlays are written per study in the hot loop of scoring, where size
     matters less than time."""
     rgb = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else image
-    with atomic_path(path, durable=durable) as tmp:
-        tmp.write_bytes(encode_png(rgb))
+    atomic_write_bytes(path, encode_png(rgb), durable=durable)

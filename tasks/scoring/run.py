@@ -47,7 +47,7 @@ from cxr.core.errors import DataError
 from cxr.core.progress import report
 from tasks.scoring.gates import validate_score_manifest, validate_scores
 from tasks.scoring.rows import SCHEMA, ScoredStudy, consolidate, read_scores
-from tasks.scoring.scorer import Scorer
+from tasks.scoring.scorer import Scorer, forward_pool
 from tasks.scoring.studies import Study, list_studies, reason_of, row_key, row_keys, sha_or_reason
 
 log = logging.getLogger("cxr.score")
@@ -197,11 +197,12 @@ def score_shard(context: ScoreContext, index: int, studies: list[Study], workers
 def run_shards(plan: ScorePlan, *, workers: int = 2, stop_after_batches: int | None = None, ahead: int = 2) -> list[dict]:
     """Score every shard of `plan` in this process, decode -> forward -> write as a pipeline.
 
-    `workers` decoder threads keep up to `ahead` batches decoded ahead of the forward pass;
-    2 x `workers` writer threads render and write the pictures and JSON of up to `ahead`
-    batches behind it. A batch's part file is written once all its studies' files are, in
-    batch order. The first failure (a write error, say) stops the run: batches before it
-    keep their parts, the failing batch gets none, and the error is raised.
+    `workers` decoder threads keep up to `ahead` batches decoded ahead of the forward passes;
+    the forward runs a couple of batches at once on a CPU (`forward_streams`), one thread
+    each; 2 x `workers` writer threads render and write the pictures and JSON of up to
+    `ahead` batches behind it. A batch's part file is written once all its studies' files
+    are, in batch order. The first failure (a write error, say) stops the run: batches
+    before it keep their parts, the failing batch gets none, and the error is raised.
     """
     context = plan.context
     scorer = plan.scorer or context_scorer(context)
@@ -210,11 +211,21 @@ def run_shards(plan: ScorePlan, *, workers: int = 2, stop_after_batches: int | N
     results: list[dict] = []
     watch = _Watch(sum(len(b) for b in shards), len(shards))
     decoding: deque[list[Future]] = deque()
+    inferring: deque[Future] = deque()
     writing: deque[tuple[int, list[ScoredStudy], list[Future]]] = deque()
+    forwards, streams = forward_pool(scorer.device)
+
+    def written(index: int, scored: list[ScoredStudy]) -> None:
+        writes = [writers.submit(scorer.write, out_dir, st, pictures=pictures, durable=False) for st in scored]
+        writing.append((index, scored, [*writes, writers.submit(flush_batch, out_dir, scored, writes)]))
+        # Commit finished batches; wait only when `ahead` batches are already being written.
+        while writing and (len(writing) > ahead or all(f.done() for f in writing[0][2])):
+            results.append(watch.committed(_commit_written(out_dir, run_id, writing.popleft())))
+
     # Twice the writers: a writer waiting on the disk holds no core. A batch's files are
     # flushed to disk once, by a writer after the batch's writes (`flush_batch`), before its
-    # part commits them: no fsync per file and folder, and none on the forward's thread.
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="cxr-decode") as decoders, \
+    # part commits them: no fsync per file and folder, and none on a forward's thread.
+    with forwards, ThreadPoolExecutor(max(1, workers), thread_name_prefix="cxr-decode") as decoders, \
             ThreadPoolExecutor(2 * max(1, workers), thread_name_prefix="cxr-write") as writers:
         try:
             queued = iter(shards)
@@ -223,17 +234,16 @@ def run_shards(plan: ScorePlan, *, workers: int = 2, stop_after_batches: int | N
             for index in range(len(shards)):
                 prepared = [f.result() for f in decoding.popleft()]
                 _queue_decode(decoders, decoding, queued, scorer)
-                scored = scorer.infer(prepared, run_id)
+                inferring.append(forwards.submit(scorer.infer, prepared, run_id))
                 del prepared
-                writes = [writers.submit(scorer.write, out_dir, st, pictures=pictures, durable=False) for st in scored]
-                writing.append((index, scored, [*writes, writers.submit(flush_batch, out_dir, scored, writes)]))
-                # Commit finished batches; wait only when `ahead` batches are already being written.
-                while writing and (len(writing) > ahead or all(f.done() for f in writing[0][2])):
-                    results.append(watch.committed(_commit_written(out_dir, run_id, writing.popleft())))
+                if len(inferring) >= streams:  # batches leave the forward in order
+                    written(index - len(inferring) + 1, inferring.popleft().result())
+            while inferring:
+                written(len(shards) - len(inferring), inferring.popleft().result())
             while writing:
                 results.append(watch.committed(_commit_written(out_dir, run_id, writing.popleft())))
         except BaseException:
-            for futures in [*decoding, *(w[2] for w in writing)]:
+            for futures in [*decoding, inferring, *(w[2] for w in writing)]:
                 for f in futures:
                     f.cancel()
             raise

@@ -19,6 +19,7 @@ float32 in both cases: autocast covers the network layers, never the thresholds.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,35 @@ def batch_outputs(model, pixels: torch.Tensor, device, precision: str = "fp32") 
                   "pooled": features.amax((2, 3)),
                   "crops": crops.round_().clamp_(0, 255).to(torch.uint8)}
     return {k: v.cpu() for k, v in result.items()}
+
+
+# Batches the CPU forward of a batch run keeps in flight at once (`forward_pool`).
+MAX_FORWARD_STREAMS = 2
+
+
+def forward_streams(device: torch.device) -> tuple[int, int]:
+    """(batches in flight, intra-op threads per batch) for a batch run's forward passes.
+
+    On a CPU, two batches at a time, each on its own thread with half the intra-op threads
+    (one each on 2 cores), rather than one batch on all of them. The run's decoders and
+    writers take a core now and then: a forward spread over every core then stalls at each
+    operator's barrier until the preempted thread comes back, while its sibling spins. Two
+    single-thread forwards have no barrier between them and lose only the time taken.
+    On an accelerator, one batch at a time: the device queues the work.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2:
+        return 1, threads
+    streams = min(MAX_FORWARD_STREAMS, threads)
+    return streams, threads // streams
+
+
+def forward_pool(device: torch.device) -> tuple[ThreadPoolExecutor, int]:
+    """A thread pool for `forward_streams(device)` forwards at once (each thread set to its
+    share of intra-op threads: the setting is per thread) and how many to keep in flight."""
+    streams, per_stream = forward_streams(device)
+    return ThreadPoolExecutor(streams, thread_name_prefix="cxr-forward",
+                              initializer=torch.set_num_threads, initargs=(per_stream,)), streams
 
 
 _LOADED: dict[tuple, "Scorer"] = {}  # this process's Scorer (one model per process)
