@@ -415,3 +415,23 @@ def test_a_failed_write_leaves_no_half_output_and_the_rerun_completes(params, ni
     rest = _score(params, nih_inputs, out)
     assert rest["already_scored"] == 8 and rest["scored"] == 16
     _assert_same_as_clean(_scores(out), clean_nih)
+
+
+def test_a_cpu_run_keeps_two_single_thread_forwards_in_flight(monkeypatch):
+    """On a CPU the batch run's forwards go two at a time, each thread with its share of the
+    intra-op threads (set per thread: the caller keeps its own); on an accelerator, one."""
+    import torch
+
+    from tasks.scoring import scorer as scoring
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    own = torch.get_num_threads()
+    with monkeypatch.context() as m:
+        for threads, expected in ((1, (1, 1)), (2, (2, 1)), (3, (2, 1)), (16, (2, 8))):
+            m.setattr(scoring.torch, "get_num_threads", lambda t=threads: t)
+            assert scoring.forward_streams(cpu) == expected
+            assert scoring.forward_streams(cuda) == (1, threads)
+    pool, streams = scoring.forward_pool(cpu)
+    with pool:
+        seen = {pool.submit(torch.get_num_threads).result() for _ in range(8)}
+    assert seen == {scoring.forward_streams(cpu)[1]} and torch.get_num_threads() == own
