@@ -76,18 +76,17 @@ def make_durable(paths) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success it replaces `target`.
-
-    Writers that need a path (pyarrow, PIL, safetensors) write there; on any exception the
-    temporary file is removed and the previous `target` is left untouched. `durable=False`
-    leaves the flush to a later `make_durable` (the rename is atomic either way).
-    """
-    target = Path(target)
+def _replacing(target: Path, durable: bool) -> Iterator[tuple[int, Path]]:
+    """A new temporary file beside `target`, open for writing: (descriptor, path). On success
+    the descriptor is closed, the file flushed (unless `durable=False`) and renamed over
+    `target`, and the folder flushed; on any exception the temporary file is removed and the
+    previous `target` is left untouched."""
     fd, tmp = _open_temp(target)
-    os.close(fd)
     try:
-        yield tmp
+        try:
+            yield fd, tmp
+        finally:
+            os.close(fd)
         if durable:
             _fsync(tmp)
         os.replace(tmp, target)
@@ -99,27 +98,25 @@ def atomic_path(target: str | os.PathLike, *, durable: bool = True) -> Iterator[
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; on success it replaces `target`.
+
+    Writers that need a path (pyarrow, PIL, safetensors) write there; on any exception the
+    temporary file is removed and the previous `target` is left untouched. `durable=False`
+    leaves the flush to a later `make_durable` (the rename is atomic either way).
+    """
+    with _replacing(Path(target), durable) as (_, tmp):
+        yield tmp
+
+
 def atomic_write_bytes(target: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
     """`data` as `target`, atomically: written through the temporary file's own descriptor
     (no second open), flushed before the rename unless `durable=False`."""
-    target = Path(target)
-    fd, tmp = _open_temp(target)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-        if durable:
-            _fsync_dir(target.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    with _replacing(Path(target), durable) as (fd, _):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
 
 
 def atomic_write_text(target: str | os.PathLike, text: str, *, durable: bool = True) -> None:

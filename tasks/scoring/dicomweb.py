@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import pydicom
 import requests
 
-from cxr.core.atomic import atomic_path, atomic_write_json
+from cxr.core.atomic import atomic_path, atomic_write_bytes, atomic_write_json
 from cxr.core.config import Params
 from cxr.core.digest import file_sha256
 from cxr.core.errors import DataError
@@ -56,7 +56,7 @@ IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.1", "1.2.840.10008.5.1.4.1.1.7.2",
     "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.7.4",  # secondary capture (8/16-bit grey)
 }
-_T_STUDY, _T_SERIES, _T_SOP, _T_CLASS, _T_MOD = "0020000D", "0020000E", "00080018", "00080016", "00080060"
+_T_STUDY, _T_SERIES, _T_SOP, _T_CLASS = "0020000D", "0020000E", "00080018", "00080016"
 _T_DATE = "00080020"
 
 
@@ -234,8 +234,7 @@ class DicomWebSource:
                             where=inst.sop_instance_uid)
         # Whole or absent, but not flushed to disk: a retrieved copy lives only for this run
         # and is fetched again if the run dies before its rows are committed.
-        with atomic_path(dest, durable=False) as tmp:
-            Path(tmp).write_bytes(body)
+        atomic_write_bytes(dest, body, durable=False)
 
     # ------------------------------------------------------------------ STOW-RS
 
