@@ -21,7 +21,9 @@ from app.record import PICTURES
 from app.runs import Run, study_name
 
 _ABSOLUTE = re.compile(r"(?<![\w.:/-])/(?:[^\s/'\"(),;]+/)*[^\s/'\"(),;]+")
-PICTURE_NAMES = ("radiograph.png", "crop.png", "overlay.png", "thumbnail.png")
+# "overlay" and "thumbnail": a batch run's pictures, whatever their format (the overlay is a
+# JPEG since the overlays went lossy, a PNG in earlier runs); served with their file's type.
+PICTURE_NAMES = ("radiograph.png", "crop.png", "overlay", "thumbnail")
 CAM_PICTURE = re.compile(r"^cam-(\d{1,2})\.png$")
 
 
@@ -67,8 +69,8 @@ def pictures_folder(run: Run, name: str) -> Path:
 
 def picture_file(run: Run, name: str, facts: dict, picture: str) -> Path | None:
     """The file behind a picture name, only when it lies inside the run's folder."""
-    if picture in ("overlay.png", "thumbnail.png"):
-        rel = facts.get("overlay" if picture == "overlay.png" else "thumbnail")
+    if picture in ("overlay", "thumbnail"):
+        rel = facts.get(picture)
         path = run.folder / rel if rel else None
     elif picture in PICTURE_NAMES:
         path = pictures_folder(run, name) / picture
@@ -78,6 +80,14 @@ def picture_file(run: Run, name: str, facts: dict, picture: str) -> Path | None:
         return None
     resolved = path.resolve()
     return resolved if resolved.is_relative_to(run.folder) and resolved.is_file() else None
+
+
+_PICTURE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+def picture_type(path: Path) -> str:
+    """The media type of a picture file the app serves (by its suffix; the app writes only these)."""
+    return _PICTURE_TYPES.get(path.suffix.lower(), "application/octet-stream")
 
 
 def cam_png(run: Run, name: str, k: int) -> bytes | None:

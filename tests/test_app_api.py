@@ -148,8 +148,9 @@ def test_the_runs_browser_lists_batch_and_app_runs(served):
         assert page.status_code == 200 and page.text.count("<tr class=\"finding") == (14 if study["status"] == "scored" else 0)
         assert study["source_path"] == study["study_id"]  # relative, never the server's input path
         if study["status"] == "scored":
-            overlay = client.get(f"{study['page']}/overlay.png")
-            assert overlay.status_code == 200 and overlay.content[:4] == b"\x89PNG"
+            overlay = client.get(f"{study['page']}/overlay")
+            assert overlay.status_code == 200 and overlay.content[:3] == b"\xff\xd8\xff"
+            assert overlay.headers["content-type"] == "image/jpeg"
     html = _kept(served, client.get("/runs/scoring?sort=study_id&order=asc")).text
     assert html.index("00000001_000.png") < html.index("Fake_MONOHR1.dcm")
     app_rows = _kept(served, client.get("/api/v1/runs/app/studies")).json()["studies"]
@@ -284,7 +285,7 @@ def test_without_pixels_no_picture_of_an_upload_is_kept(served):
         page = client.get(body["page"])
         assert page.status_code == 200 and 'id="no-pictures"' in page.text
         assert page.text.count('<tr class="finding') == 14
-        for picture in ("radiograph.png", "crop.png", "cam-0.png", "overlay.png"):
+        for picture in ("radiograph.png", "crop.png", "cam-0.png", "overlay"):
             assert client.get(f"{body['page']}/{picture}").status_code == 404
     kept = sorted(p.relative_to(store).parts[0] for p in store.rglob("*") if p.is_file())
     # scores_index.parquet: the run's row index for paging (keys, sort columns, counts), no pixels.

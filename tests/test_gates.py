@@ -297,3 +297,28 @@ def test_score_gate_data_docs_are_rebuilt_only_when_the_outcome_changes(tmp_path
     assert rebuilt != built
     validate_scores(rows(7), tmp_path, docs="always")  # on request: rebuilt whatever the outcome
     assert index.stat().st_mtime_ns != rebuilt
+
+
+def test_a_passing_manifest_gate_leaves_its_data_docs_to_the_scores_gates_build(tmp_path):
+    """One Data Docs build a run: the manifest's pages come with the scores gate's build; a
+    failing manifest gate, which stops the run, builds its pages at once."""
+    from tasks.scoring.gates import validate_score_manifest, validate_scores
+
+    def manifest(ids) -> pd.DataFrame:
+        return pd.DataFrame({"study_id": ids, "path": [f"/in/{i}" for i in ids], "size_bytes": [10] * len(ids),
+                             "output_name": ids, "inside": [True] * len(ids)})
+
+    scores = pd.DataFrame({"study_id": ["a.png"], "model_digest": ["m"], "status": ["scored"], "key": ["k|m"],
+                           **{c: [0.5] for c in LABEL_COLUMNS}})
+    run = tmp_path / "run"
+    validate_score_manifest(manifest(["a.png"]), 100, run, docs="deferred")
+    assert (run / "score_manifest_validation.json").is_file() and not (run / "data_docs").exists()
+    validate_scores(scores, run, docs="changed")
+    pages = {p.name for p in (run / "data_docs").rglob("*.html")}
+    index = (run / "data_docs" / "index.html").read_text()
+    assert "score_manifest" in index and "scores" in index and len(pages) >= 3, pages
+
+    failing = tmp_path / "failing"
+    with pytest.raises(DataError, match="study_id not unique"):
+        validate_score_manifest(manifest(["a.png", "a.png"]), 100, failing, docs="deferred")
+    assert "score_manifest" in (failing / "data_docs" / "index.html").read_text()

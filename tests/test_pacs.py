@@ -22,6 +22,7 @@ import pytest
 import requests
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from tests.conftest import NIH_SAMPLE, ROOT, STUDIES, registered_copy
@@ -245,10 +246,13 @@ def test_score_from_pacs_and_write_back(orthanc, pacs, pacs_params, creds, tmp_p
         sc = _wado(orthanc, src.StudyInstanceUID, sc_series, sc_sop)
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
         assert "NOT FOR DIAGNOSIS" in sc.ImageComments and sc.BurnedInAnnotation == "YES"
-        # JPEG baseline, said to be lossy, and the overlay PNG's picture within its compression.
+        # JPEG baseline, said to be lossy: its one frame is the overlay JPEG of the run folder,
+        # byte for byte (not compressed twice), and shows that picture.
         assert sc.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50" and sc.LossyImageCompression == "01"
+        assert row["overlay"].endswith(".jpg")
+        assert list(generate_frames(sc.PixelData, number_of_frames=1)) == [(out / row["overlay"]).read_bytes()]
         overlay = np.asarray(Image.open(out / row["overlay"]).convert("RGB"), dtype=np.float64)
-        assert sc.pixel_array.shape == overlay.shape and np.abs(sc.pixel_array - overlay).mean() < 4.0
+        assert sc.pixel_array.shape == overlay.shape and np.abs(sc.pixel_array - overlay).mean() < 1.0
         # The attention box as a presentation state over the source image, in its pixel corners.
         prs = _series_of(orthanc, src.StudyInstanceUID, "PR")
         assert len(prs) == 1
@@ -718,17 +722,19 @@ def test_the_fast_objects_are_highdicoms_objects(tmp_path):
     template; the build times are the time now."""
     from cxr.core.labels import LABEL_COLUMNS
     from tasks.scoring.dicom_sink import encoded_results, forget_result_templates, result_datasets, result_templates
-    from tasks.scoring.overlay import render_overlay, save_png
+    from tasks.scoring.overlay import overlay_jpeg, render_overlay, save_png
 
     rng = np.random.default_rng(7)
     thresholds, digest = rng.random(14), "e" * 64
     now = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime", "DateOfSecondaryCapture",
            "TimeOfSecondaryCapture", "PresentationCreationDate", "PresentationCreationTime")
     ignore = now
-    overlay = "overlays/x.png"
+    # The scorer's overlay (a JPEG, carried as the frame) and an earlier run's PNG (encoded).
+    overlays = ["overlays/x.jpg", "overlays/x.png"]
     (tmp_path / "overlays").mkdir()
-    gray = rng.random((96, 80))
-    save_png(render_overlay(gray, (10, 12, 60, 50), rng.random((2, 96, 80)), ["a", "b", "c"]), tmp_path / overlay)
+    gray, cams = rng.random((96, 80)), rng.random((2, 96, 80))
+    (tmp_path / overlays[0]).write_bytes(overlay_jpeg(gray, (10, 12, 60, 50), cams, ["a", "b", "c"]))
+    save_png(render_overlay(gray, (10, 12, 60, 50), cams, ["a", "b", "c"]), tmp_path / overlays[1])
 
     def read(data: bytes) -> Dataset:
         ds = pydicom.dcmread(BytesIO(data))
@@ -741,7 +747,8 @@ def test_the_fast_objects_are_highdicoms_objects(tmp_path):
         return ds
 
     forget_result_templates()
-    for name, header in _headers().items():
+    for i, (name, header) in enumerate(_headers().items()):
+        overlay = overlays[i % 2]
         row = {c: float(p) for c, p in zip(LABEL_COLUMNS, rng.random(14))}
         row.update({f"{c}_flag": bool(row[c] > 0.5) for c in LABEL_COLUMNS})
         row.update(status="scored", reason=None, ood_score=float(rng.random() * 40), ood_flag=bool(name == "latin"),
@@ -761,8 +768,30 @@ def test_the_fast_objects_are_highdicoms_objects(tmp_path):
     assert result_templates() == {"sr": 4, "sc": 4, "pr": 4}
 
 
+def test_the_secondary_capture_carries_the_overlay_jpeg_and_encodes_anything_else(tmp_path):
+    """The Secondary Capture's frame: the scorer's overlay JPEG as it is on disk; a progressive
+    JPEG or a PNG decoded and encoded as a baseline frame of the same picture."""
+    from tasks.scoring.dicom_sink import _jpeg_start_of_frame, overlay_frame
+    from tasks.scoring.overlay import overlay_jpeg, save_png
+
+    y, x = np.mgrid[0:64, 0:48] / np.array([63.0, 47.0])[:, None, None]  # smooth, as radiographs and maps are
+    gray, cams = 0.2 + 0.6 * y * x, np.stack([y, x, (y + x) / 2])
+    ours = overlay_jpeg(gray, (4, 5, 40, 30), cams, ["a", "b", "c", "d"])
+    (tmp_path / "ours.jpg").write_bytes(ours)
+    frame, shape = overlay_frame(tmp_path / "ours.jpg")
+    assert frame == ours and shape == (64 + 16, 4 * 48, 3)
+    picture = np.asarray(Image.open(BytesIO(ours)).convert("RGB"))
+    Image.fromarray(picture).save(tmp_path / "progressive.jpg", quality=95, progressive=True)
+    save_png(picture, tmp_path / "lossless.png")
+    for name in ("progressive.jpg", "lossless.png"):
+        frame, shape = overlay_frame(tmp_path / name)
+        assert _jpeg_start_of_frame(frame) == 0xC0 and shape == picture.shape, name
+        again = np.asarray(Image.open(BytesIO(frame)).convert("RGB"), dtype=np.float64)
+        assert np.abs(again - picture).mean() < 4.0, name  # the titles and box lines are sharp
+
+
 def test_the_overlay_is_read_back_as_pillow_reads_it(tmp_path):
-    """The Secondary Capture's pixels: the scorer's Up-filtered PNG decoded by the fast path,
+    """An earlier run's overlay PNG: the scorer's Up-filtered PNG decoded by the fast path,
     any other PNG by Pillow; the same pixels either way."""
     from tasks.scoring.dicom_sink import overlay_pixels, up_filtered_rgb
     from tasks.scoring.overlay import save_png

@@ -85,7 +85,7 @@ def test_real_studies_are_scored_with_sensible_outputs(params, tmp_path):
         assert facts["sha256"] == row.sha256 and facts["model_digest"] == summary["model_digest"]
         assert set(facts["probabilities"]) >= {"Cardiomegaly", "Hernia"} and facts["attention_box"]["y1"] == row.box_y1
         overlay = Image.open(out / row.overlay)
-        assert overlay.width == (1 + params.score.top_findings) * 128  # one panel per top finding
+        assert overlay.format == "JPEG" and overlay.width == (1 + params.score.top_findings) * 128  # one panel per top finding
     # Scoring resizes exactly as the training loader does.
     path = STUDIES / "00000001_000.png"
     assert np.array_equal(network_pixels(load_image(path), params.model), load_image_uint8(path, 64))
@@ -134,7 +134,7 @@ def test_bad_corpus_each_file_scored_or_rejected_with_its_reason(params, tmp_pat
     for name in ("empty.png", "ct.dcm"):
         assert html.escape(df.loc[name, "reason"], quote=True) in page
     scored = [n for n, e in manifest.items() if e == "ok" and n not in ("png_named.jpg", "photo.jpg")]
-    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(f"{n}.png" for n in scored)
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(f"{n}.jpg" for n in scored)
     assert len(list((out / "studies").glob("*.json"))) == len(manifest) + 1 - 2
 
 
@@ -393,14 +393,14 @@ def test_a_failed_write_leaves_no_half_output_and_the_rerun_completes(params, ni
     import tasks.scoring.scorer as score
 
     failing = sorted(p.name for p in nih_inputs.iterdir())[9]  # the third batch of 4
-    real_save = score.save_png
+    real_write = score.atomic_write_bytes
 
-    def disk_full_on_one_study(image, path, **kw):
-        if Path(path).name == f"{failing}.png" and "overlays" in Path(path).parts:
+    def disk_full_on_one_study(path, data, **kw):
+        if Path(path).name == f"{failing}.jpg" and "overlays" in Path(path).parts:
             raise OSError(28, "No space left on device", str(path))
-        real_save(image, path, **kw)
+        real_write(path, data, **kw)
 
-    monkeypatch.setattr(score, "save_png", disk_full_on_one_study)
+    monkeypatch.setattr(score, "atomic_write_bytes", disk_full_on_one_study)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="No space left"):
         _score(params, nih_inputs, out)
@@ -409,9 +409,9 @@ def test_a_failed_write_leaves_no_half_output_and_the_rerun_completes(params, ni
     assert len(parts) == 2  # the batches before the failing one, committed in order
     for row in pd.concat(pd.read_parquet(p) for p in parts).itertuples():
         assert all((out / f).is_file() for f in (row.json, row.overlay, row.thumbnail))
-    assert not (out / "studies" / f"{failing}.json").exists() and not (out / "overlays" / f"{failing}.png").exists()
+    assert not (out / "studies" / f"{failing}.json").exists() and not (out / "overlays" / f"{failing}.jpg").exists()
 
-    monkeypatch.setattr(score, "save_png", real_save)
+    monkeypatch.setattr(score, "atomic_write_bytes", real_write)
     rest = _score(params, nih_inputs, out)
     assert rest["already_scored"] == 8 and rest["scored"] == 16
     _assert_same_as_clean(_scores(out), clean_nih)

@@ -17,7 +17,7 @@ from app.runs import run_page as run_page_rows
 from app.security import SESSION_COOKIE, safe_next, session_value, signed_in, valid_id
 from app.uploads import UploadError, receive_files
 from app.pacs_link import pacs_facts
-from app.views import CAM_PICTURE, cam_png, findings, page_path, picture_file, public_facts, study_facts
+from app.views import CAM_PICTURE, cam_png, findings, page_path, picture_file, picture_type, public_facts, study_facts
 
 router = APIRouter(include_in_schema=False)
 
@@ -110,7 +110,7 @@ def study_page(request: Request, run_id: str, name: str, cam: int | None = Query
         scored = [f for f in items if f["probability"] is not None]
         cam = max(scored, key=lambda f: f["probability"])["index"] if scored else 0
     base = page_path(run.run_id, name)
-    has = {p: picture_file(run, name, row, p) is not None for p in ("radiograph.png", "crop.png", "overlay.png")}
+    has = {p: picture_file(run, name, row, p) is not None for p in ("radiograph.png", "crop.png", "overlay")}
     return _page(request, "study.html", {
         "run": run, "name": name, "facts": facts, "findings": items, "cam": cam, "base": base, "has": has,
         "cam_available": has["radiograph.png"], "same_model": same_model,
@@ -137,7 +137,7 @@ def study_picture(request: Request, run_id: str, name: str, picture: str):
     path = picture_file(run, name, row, picture)
     if path is None:
         raise HTTPException(404, "no such picture")
-    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    return FileResponse(path, media_type=picture_type(path), headers={"Cache-Control": "private, max-age=3600"})
 
 
 def _study(request: Request, run_id: str, name: str):

@@ -6,7 +6,7 @@
 Imports torch, torchvision, numpy and the project's own code (models/, tasks.images,
 tasks.training.crop_cache, tasks.scoring's pieces) and nothing that needs Prefect, Great
 Expectations, DVC, pydicom or Dask: the GPU machine has Python 3.12, torch 2.11 and no network;
-pydantic (for cxr.core.config) and isal (the overlay PNGs) travel as the wheels in wheels.txt.
+pydantic (for cxr.core.config) and isal (the thumbnail PNGs) travel as the wheels in wheels.txt.
 The profile is profiles/paper.yaml (its backbone, 224 px input from 256 px, its batch sizes);
 weights are random (no weights file on that machine; a step's time does not depend on them).
 
@@ -335,7 +335,7 @@ def scoring_rate(device, folder: Path, out: Path, model_params, score_params, ba
     from models.fusion import FusionHead
     from tasks.images.geometry import network_pixels_from_image
     from tasks.images.loader import LoaderLimits, load_image
-    from tasks.scoring.overlay import display_shape, render_overlay, resize_gray, save_png, thumbnail
+    from tasks.scoring.overlay import display_shape, overlay_jpeg, resize_gray, save_png, thumbnail
     from tasks.scoring.precheck import precheck
     from tasks.scoring.scorer import batch_outputs
 
@@ -372,7 +372,7 @@ def scoring_rate(device, folder: Path, out: Path, model_params, score_params, ba
         box = tuple(int(v) for v in outs["boxes"][i])
         top = torch.argsort(-outs["fusion"][i])[:3].tolist()
         cams = outs["cams"][i][top].numpy()
-        save_png(render_overlay(display, box, cams, [name] + [str(k) for k in top]), out / f"{name}.overlay.png")
+        (out / f"{name}.overlay.jpg").write_bytes(overlay_jpeg(display, box, cams, [name] + [str(k) for k in top]))
         save_png(thumbnail(display, box), out / f"{name}.thumb.png")
 
     # forward-only: the same function on the studies' network inputs already in memory
@@ -402,7 +402,7 @@ def scoring_rate(device, folder: Path, out: Path, model_params, score_params, ba
     return {"precision": precision, "batch": batch, "threads": threads, "studies": len(files),
             "study_side": int(load_image(files[0]).shape[0]), "precheck_refused": refused,
             "forward_only_studies_per_s": round(forward, 1), "end_to_end_studies_per_s": round(end_to_end, 1),
-            "ratio": round(end_to_end / forward, 3), "pictures_written": len(list(out.glob("*.png"))),
+            "ratio": round(end_to_end / forward, 3), "pictures_written": len([p for p in out.iterdir() if p.suffix in (".png", ".jpg")]),
             "batch_outputs_dtypes": dtypes}
 
 

@@ -230,7 +230,7 @@ class ScoreParams(_Strict):
     min_side: int = Field(32, ge=1)
     # Files larger than this are rejected unread: no radiograph is this big, a mistaken upload may be.
     max_bytes: int = Field(200_000_000, ge=1)
-    # Longest side of the radiograph panels in the overlay PNGs. 256: the radiograph and three
+    # Longest side of the radiograph panels in the overlay JPEGs. 256: the radiograph and three
     # maps side by side are 1024 px wide, shown unscaled on a laptop screen; the maps come from a
     # 4x4 to 8x8 feature grid, so a larger panel adds no detail to them. Drawing and compressing
     # the overlay is most of scoring's non-model work (benchmarks/bench_score.py): 384 px costs
@@ -245,7 +245,7 @@ class ScoreParams(_Strict):
     ood: Literal["reject", "flag", "off"] = "flag"
     # Target false-rejection rate of the feature gate on the validation split (its threshold).
     ood_false_rejection: float = Field(0.01, gt=0, lt=0.5)
-    # false: no overlay or thumbnail PNGs (rows, JSON, Parquet and the report still written).
+    # false: no overlay JPEG or thumbnail PNG (rows, JSON, Parquet and the report still written).
     pictures: bool = True
     # Data Docs of the score gates: rebuilt only when a suite's outcome changes ("changed"), or every run.
     data_docs: Literal["changed", "always"] = "changed"

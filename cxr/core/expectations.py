@@ -99,6 +99,10 @@ def run_suite(suite: str, frame: pd.DataFrame, out_dir: Path, source: str, param
     docs "always" rebuilds Data Docs every run; "changed" only when the suite's outcome (which
     expectations pass, and the failures' counts) differs from the one its pages show, or they
     are missing: a clean run's outcome rarely changes, and a docs build costs seconds.
+    "deferred" (a gate that another gate of the same folder follows in this process, as the
+    score manifest's is followed by the scores'): a passing result's pages are left to that
+    gate's build, which renders every suite of the folder (one build a run, not two); a
+    failing one is built now, as it stops the run.
     """
     with _LOCK:
         return _run_locked(suite, frame, out_dir, source, params, docs)
@@ -112,11 +116,14 @@ def _run_locked(suite: str, frame: pd.DataFrame, out_dir: Path, source: str, par
     out_dir = Path(out_dir).resolve()  # GE site stores insist on absolute paths
     payload = result.to_json_dict()
     atomic_write_json(out_dir / f"{suite}_validation.json", payload)
-    _build_docs(ctx, out_dir, suite, result, _outcome(payload) if docs == "changed" else None)
+    # GE's own success also counts failures tagged "reject"; the gate does not.
+    success = not any(_blocks(r) for r in payload["results"])
+    _remember(ctx, out_dir, suite, result)
+    if not (docs == "deferred" and success):
+        _build_docs(ctx, out_dir, docs == "always")
     summary = {
         "suite": suite,
-        # GE's own success also counts failures tagged "reject"; the gate does not.
-        "success": not any(_blocks(r) for r in payload["results"]),
+        "success": success,
         "statistics": payload["statistics"],
         "results": [{"expectation": r["expectation_config"]["type"],
                      "description": r["expectation_config"].get("description"),
@@ -149,19 +156,26 @@ def _outcome(payload: dict) -> list:
                   for r in payload["results"])
 
 
-def _build_docs(ctx, out_dir: Path, suite: str, result, outcome: list | None = None) -> None:
-    """Render Data Docs for this out_dir's latest result of each suite into out_dir/data_docs.
-
-    With an `outcome`, the build is skipped when the pages already show that outcome for
-    this suite (recorded in data_docs/.outcomes.json beside them).
-    """
+def _remember(ctx, out_dir: Path, suite: str, result) -> None:
+    """Record `result` as this out_dir's latest of `suite` (what its next Data Docs build shows)."""
     store = ctx.validation_results_store
     mine = _DOCS.setdefault(str(out_dir.resolve()), {})
     mine[suite] = (next(k for k in store.list_keys() if k.run_id == result.meta["run_id"]
                         and k.expectation_suite_identifier.name == suite), result)
+
+
+def _build_docs(ctx, out_dir: Path, always: bool = True) -> None:
+    """Render Data Docs for this out_dir's latest result of each suite into out_dir/data_docs.
+
+    Unless `always`, the build is skipped when the pages already show every one of those
+    results' outcomes (recorded in data_docs/.outcomes.json beside them).
+    """
+    store = ctx.validation_results_store
+    mine = _DOCS.setdefault(str(out_dir.resolve()), {})
     record = out_dir / "data_docs" / ".outcomes.json"
     shown = json.loads(record.read_text()) if record.exists() else {}
-    if outcome is not None and shown.get(suite) == outcome and (out_dir / "data_docs" / "index.html").exists():
+    if not always and (out_dir / "data_docs" / "index.html").exists() and all(
+            shown.get(name) == _outcome(res.to_json_dict()) for name, (_, res) in mine.items()):
         return
     # The store is shared by the process; keep only this out_dir's results so the index
     # lists exactly the validations whose pages are in this folder.

@@ -49,6 +49,7 @@ from tasks.scoring.overlay import (  # noqa: F401
     display_shape,
     resize_gray,
     render_overlay,
+    overlay_jpeg,
     thumbnail,
     encode_png,
     save_png,

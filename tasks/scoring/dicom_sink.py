@@ -338,22 +338,59 @@ def fast_structured_report(source: pydicom.Dataset, row: dict, thresholds: np.nd
 # The overlay goes back as one JPEG baseline frame (quality and chroma as highdicom encodes it,
 # YBR_FULL_422), not as uncompressed RGB: a Secondary Capture labelled not for diagnosis, at
 # about a twelfth of the bytes for the PACS to take in, store and serve (65 kB against 835 kB
-# for a 1,024 x 272 overlay; Orthanc spent a third of the CPU storing it). The overlay PNG in
-# the run folder stays lossless.
+# for a 1,024 x 272 overlay; Orthanc spent a third of the CPU storing it). The scorer writes
+# the overlay as such a JPEG (`tasks.scoring.overlay.overlay_jpeg`): its bytes are the frame,
+# neither decoded nor compressed a second time. An overlay of another kind (a lossless PNG of
+# an earlier run) is decoded and encoded as highdicom does.
 SC_TRANSFER_SYNTAX = pydicom.uid.JPEGBaseline8Bit
 SC_PHOTOMETRIC = "YBR_FULL_422"
 
 
-def secondary_capture(source: pydicom.Dataset, overlay_png: Path, digest: str) -> hd.sc.SCImage:
+def secondary_capture(source: pydicom.Dataset, overlay: Path, digest: str) -> hd.sc.SCImage:
     """The overlay picture (radiograph, attention box, activation maps) as a colour Secondary
-    Capture (JPEG baseline: `SC_TRANSFER_SYNTAX`)."""
-    return _secondary_capture(source, overlay_pixels(overlay_png), digest)
+    Capture (JPEG baseline: `SC_TRANSFER_SYNTAX`), built by highdicom."""
+    frame, shape = overlay_frame(overlay)
+    sc = _secondary_capture(source, np.zeros(shape, dtype=np.uint8), digest)
+    sc.PixelData = encapsulate([frame])  # the overlay's own JPEG, in place of highdicom's of the zeros
+    return sc
+
+
+def overlay_frame(overlay: Path) -> tuple[bytes, tuple[int, int, int]]:
+    """(JPEG baseline frame, (rows, columns, 3)) of an overlay file: a baseline 8-bit colour
+    JPEG (what the scorer writes) as it is on disk; any other picture decoded
+    (`overlay_pixels`) and encoded as highdicom encodes a JPEG baseline frame."""
+    data = Path(overlay).read_bytes()
+    if data[:2] == b"\xff\xd8":
+        from io import BytesIO
+
+        with Image.open(BytesIO(data)) as image:
+            if (image.format == "JPEG" and image.mode == "RGB" and not image.info.get("progressive")
+                    and not image.info.get("progression") and _jpeg_start_of_frame(data) == 0xC0):
+                return data, (image.height, image.width, 3)
+    pixels = overlay_pixels(overlay)
+    frame = hd.frame.encode_frame(np.ascontiguousarray(pixels, dtype=np.uint8), transfer_syntax_uid=SC_TRANSFER_SYNTAX,
+                                  bits_allocated=8, bits_stored=8, photometric_interpretation=SC_PHOTOMETRIC,
+                                  pixel_representation=0, planar_configuration=0)
+    return frame, pixels.shape
+
+
+def _jpeg_start_of_frame(data: bytes) -> int | None:
+    """The JPEG's start-of-frame marker (0xC0: baseline sequential DCT), from its marker segments."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+    return None
 
 
 def overlay_pixels(overlay_png: Path) -> np.ndarray:
-    """The (H, W, 3) uint8 pixels of an overlay PNG. The scorer writes every row Up-filtered
-    (`tasks.scoring.overlay.encode_png`): undone here by ISA-L's inflate and one cumulative sum,
-    a third of Pillow's decoding time; any other PNG is Pillow's to read."""
+    """The (H, W, 3) uint8 pixels of an overlay picture. A PNG the scorer wrote with every row
+    Up-filtered (`tasks.scoring.overlay.encode_png`, earlier runs' overlays) is undone by ISA-L's
+    inflate and one cumulative sum, a third of Pillow's decoding time; any other is Pillow's."""
     data = Path(overlay_png).read_bytes()
     fast = up_filtered_rgb(data)
     if fast is not None:
@@ -827,15 +864,13 @@ def forget_result_templates() -> None:
         _OBJECT_TEMPLATES.clear()
 
 
-def _fast_sc(source: pydicom.Dataset, pixels: np.ndarray, digest: str) -> bytes:
+def _fast_sc(source: pydicom.Dataset, frame: bytes, shape: tuple[int, int, int], digest: str) -> bytes:
+    """The Secondary Capture of an overlay from its JPEG baseline `frame` of `shape` (`overlay_frame`)."""
     template = _object_template(
-        ("sc", digest, pixels.shape), source,
-        lambda marked: _secondary_capture(marked, np.zeros(pixels.shape, dtype=np.uint8), digest), split=_PIXEL_DATA)
-    # The frame as highdicom encodes it, encapsulated as it does (pydicom's, with an offset
-    # table), under an undefined-length Pixel Data element closed by its delimiter.
-    frame = hd.frame.encode_frame(np.ascontiguousarray(pixels, dtype=np.uint8), transfer_syntax_uid=SC_TRANSFER_SYNTAX,
-                                  bits_allocated=8, bits_stored=8, photometric_interpretation=SC_PHOTOMETRIC,
-                                  pixel_representation=0, planar_configuration=0)
+        ("sc", digest, tuple(shape)), source,
+        lambda marked: _secondary_capture(marked, np.zeros(shape, dtype=np.uint8), digest), split=_PIXEL_DATA)
+    # The frame encapsulated as highdicom does it (pydicom's, with an offset table), under an
+    # undefined-length Pixel Data element closed by its delimiter.
     header = struct.pack("<HH2sHI", _PIXEL_DATA >> 16, _PIXEL_DATA & 0xFFFF, b"OB", 0, 0xFFFFFFFF)
     delimiter = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
     return template.render(template.values(source, digest, "sc"), [header, encapsulate([frame]), delimiter])
@@ -887,7 +922,7 @@ def encoded_results(header: pydicom.Dataset, row: dict, out_dir: Path, threshold
     try:
         out.append(_fast_sr(header, row, thresholds, digest))
         if overlay is not None and overlay.exists():
-            out.append(_fast_sc(header, overlay_pixels(overlay), digest))
+            out.append(_fast_sc(header, *overlay_frame(overlay), digest))
         if boxed:
             out.append(_fast_pr(header, row, digest))
     except ValueError as exc:  # a template that cannot be made: highdicom builds them in full

@@ -1,12 +1,17 @@
 """Pictures of a scored study: class activation heatmaps and the attention box on the radiograph.
 
-Pure numpy (+ Pillow for the title glyphs): a study's overlay PNG has one panel for the
+Pure numpy (+ Pillow for the title glyphs and JPEG): a study's overlay has one panel for the
 radiograph with its attention box, then one panel per top finding with that class's
 activation map blended in. Rendering is in the hot loop of batch scoring (one overlay and
 one thumbnail per study), so the whole canvas is one numpy array built by one table lookup
-per pixel (map level, grey level) -> RGB, the boxes are array slices, each title is a cached
-glyph mask, and the PNG is encoded straight from the array (`encode_png`): no Pillow image
-round trip.
+per pixel (map level, grey level) -> RGBX (4-byte rows: a third of the 3-byte gather's time),
+the boxes are array slices and each title is a cached glyph mask.
+
+The overlay is written as a JPEG (`overlay_jpeg`, quality 95, as highdicom encodes the PACS's
+Secondary Capture of it, which then carries these very bytes): a display picture, labelled not
+for diagnosis, at a fifth of the lossless PNG's bytes and a third of its encoding time
+(benchmarks/bench_score.py). The thumbnails and the app's pictures stay PNG (`encode_png`,
+straight from the array: no Pillow image round trip).
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import struct
 import zlib
 from functools import lru_cache
 from pathlib import Path
+
+import io
+import threading
 
 import numpy as np
 from isal import isal_zlib
@@ -30,6 +38,10 @@ BOX_COLOUR = (0, 255, 0)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TITLE_HEIGHT = 16
 TITLE_X, TITLE_Y = 3, 2  # where a panel's title starts in its strip
+OVERLAY_SUFFIX = ".jpg"
+# The overlay's JPEG: highdicom's quality for a JPEG baseline frame, and Pillow's default
+# chroma subsampling as highdicom leaves it, so the Secondary Capture can carry the file as is.
+OVERLAY_JPEG_QUALITY = 95
 
 
 def _lut() -> np.ndarray:
@@ -41,13 +53,14 @@ _LUT = _lut()  # (256, 3) uint8: the map at 256 levels, finer than the eye tells
 
 
 def _blend_table(alpha: float) -> np.ndarray:
-    """(256 * 256 + 256, 3) uint8 RGB rows: round((1 - alpha) * grey + alpha * colour) at
-    map level * 256 + grey level, then the plain grey levels at GREY + grey level. One
-    gather of 3-byte rows per pixel draws every panel of an overlay, the radiograph's too."""
+    """(256 * 256 + 256,) uint32, each the bytes R, G, B, 255: round((1 - alpha) * grey + alpha
+    * colour) at map level * 256 + grey level, then the plain grey levels at GREY + grey level.
+    One gather of 4-byte words per pixel draws every panel of an overlay, the radiograph's too."""
     grey = np.arange(256, dtype=np.float64)[None, :, None]
     rgb = np.rint((1 - alpha) * grey + alpha * _LUT[:, None, :].astype(np.float64)).astype(np.uint8)
     plain = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
-    return np.concatenate([rgb.reshape(-1, 3), plain])
+    rows = np.concatenate([rgb.reshape(-1, 3), plain])
+    return np.concatenate([rows, np.full((len(rows), 1), 255, np.uint8)], axis=1).view(np.uint32)[:, 0].copy()
 
 
 GREY = 256 * 256  # offset of the plain grey levels in a blend table
@@ -80,6 +93,20 @@ def resize_gray(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image.astype(np.float32)).resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
 
 
+_SCRATCH = threading.local()  # per thread: the last array of each kind (canvas, index, maps)
+
+
+def _scratch(kind: str, shape: tuple, dtype) -> np.ndarray:
+    """A reusable array of this thread. Fresh megabyte arrays per study cost more than their
+    drawing: the allocator hands such blocks back to the kernel when freed, and every page
+    of the next one faults in zeroed (2.5 ms against 0.5 ms for an overlay's canvas)."""
+    held = getattr(_SCRATCH, kind, None)
+    if held is None or held.shape != shape:
+        held = np.empty(shape, dtype=dtype)
+        setattr(_SCRATCH, kind, held)
+    return held
+
+
 @lru_cache(maxsize=64)
 def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(lo, hi, w_lo, w_hi): the two source indices and weights of every output position of
@@ -92,20 +119,35 @@ def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return lo, hi, 1.0 - frac, frac
 
 
-def upsample_maps(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(T, fh, fw) float maps -> (T, h, w) float32, bilinear with half-pixel centres.
+def upsample_maps(grid: np.ndarray, shape: tuple[int, int], *, levels: bool = False) -> np.ndarray:
+    """(T, fh, fw) float maps -> (T, h, w) float32, bilinear with half-pixel centres; with
+    `levels`, as uint8 levels (`levels()` of those floats, the same values).
 
     Two gathers and blends (rows, then columns) in numpy: a map on a (4, 4) feature grid
     costs about a millisecond, where a resampling kernel's thread-pool start (torch) or BLAS
     threads (a matrix product) cost more than the work and fight the forward pass for cores.
+    For levels the floats are this thread's scratch arrays, converted in place: no fresh
+    megabyte temporaries per study (see `_scratch`).
     """
     grid = np.asarray(grid, dtype=np.float32)
     ylo, yhi, ya, yb = _bilinear_taps(grid.shape[-2], shape[0])
     xlo, xhi, xa, xb = _bilinear_taps(grid.shape[-1], shape[1])
     rows = grid[:, ylo, :] * ya[:, None] + grid[:, yhi, :] * yb[:, None]  # (T, h, fw)
-    out = rows[:, :, xlo] * xa
-    out += rows[:, :, xhi] * xb
-    return out
+    if not levels:
+        out = rows[:, :, xlo] * xa
+        out += rows[:, :, xhi] * xb
+        return out
+    size = (grid.shape[0], *shape)
+    out, other = _scratch("maps", size, np.float32), _scratch("maps_hi", size, np.float32)
+    np.take(rows, xlo, axis=2, out=out)
+    out *= xa
+    np.take(rows, xhi, axis=2, out=other)
+    other *= xb
+    out += other
+    np.clip(out, 0.0, 1.0, out=out)
+    out *= 255.0
+    np.rint(out, out=out)
+    return out.astype(np.uint8)
 
 
 def levels(values: np.ndarray) -> np.ndarray:
@@ -142,30 +184,40 @@ def _outline(rgb: np.ndarray, box, width: int, colour=BOX_COLOUR) -> None:
 
 def render_overlay(gray: np.ndarray, box, cams: np.ndarray, titles: list[str], alpha: float = 0.45) -> np.ndarray:
     """One (h + TITLE_HEIGHT, (1 + T) * w, 3) uint8 RGB picture: the radiograph with its box,
-    then one heatmap panel per finding.
+    then one heatmap panel per finding (a view of `render_overlay_rgbx`'s canvas).
 
     gray: (h, w) float [0, 1] at display size, or uint8 levels; box: inclusive (y0, x0, y1, x1)
     in those pixels; cams: (T, h, w) float in [0, 1], or uint8 levels (value * 255 rounded);
     titles: the radiograph's title, then T finding titles, white on the black TITLE_HEIGHT strip
     above each panel. blend = (1 - alpha) * gray + alpha * colour.
     """
+    return render_overlay_rgbx(gray, box, cams, titles, alpha)[..., :3]
+
+
+def render_overlay_rgbx(gray: np.ndarray, box, cams: np.ndarray, titles: list[str], alpha: float = 0.45,
+                        *, scratch: bool = False) -> np.ndarray:
+    """`render_overlay`'s picture as a contiguous (H, W, 4) RGBX canvas (the fourth byte is
+    padding), what `overlay_jpeg` hands the JPEG encoder without a copy. `scratch`: drawn in
+    this thread's reusable canvas, valid until the thread's next scratch drawing."""
     h, w = gray.shape
     panels = 1 + len(cams)
     base = _levels(gray)
     table = _BLEND.get(alpha)
     if table is None:
         table = _BLEND.setdefault(alpha, _blend_table(alpha))
-    canvas = np.empty((h + TITLE_HEIGHT, panels, w, 3), dtype=np.uint8)
-    # One lookup per pixel of every panel: (map level, grey level) -> blended RGB, and
+    shape = (h + TITLE_HEIGHT, panels, w)
+    canvas = _scratch("canvas", shape, np.uint32) if scratch else np.empty(shape, dtype=np.uint32)
+    # One lookup per pixel of every panel: (map level, grey level) -> blended RGBX, and
     # GREY + grey level for the radiograph itself; written in place, row by row of panels.
-    index = np.empty((h, panels, w), dtype=np.int32)
+    index = _scratch("index", (h, panels, w), np.int32)
     index[:, 0] = base
     index[:, 0] += GREY
     if len(cams):
         np.left_shift(_levels(cams).transpose(1, 0, 2), 8, out=index[:, 1:], dtype=np.int32)
         index[:, 1:] |= base[:, None, :]
-    np.take(table, index, axis=0, out=canvas[TITLE_HEIGHT:], mode="clip")  # "raise" would buffer `out`
-    out = canvas.reshape(h + TITLE_HEIGHT, panels * w, 3)
+    np.take(table, index, out=canvas[TITLE_HEIGHT:], mode="clip")  # "raise" would buffer `out`
+    rgbx = canvas.view(np.uint8).reshape(h + TITLE_HEIGHT, panels * w, 4)
+    out = rgbx[..., :3]
     strip = np.zeros((TITLE_HEIGHT, panels * w), dtype=np.uint8)
     for i, title in enumerate(titles[:panels]):
         mask = _title_mask(title, (panels - i) * w)
@@ -174,7 +226,7 @@ def render_overlay(gray: np.ndarray, box, cams: np.ndarray, titles: list[str], a
     y0, x0, y1, x1 = box
     for i in range(panels):
         _outline(out, (y0 + TITLE_HEIGHT, i * w + x0, y1 + TITLE_HEIGHT, i * w + x1), max(1, w // 192))
-    return out
+    return rgbx
 
 
 def thumbnail(gray: np.ndarray, box, longest: int = 128) -> np.ndarray:
@@ -211,6 +263,25 @@ def encode_png(rgb: np.ndarray, level: int = 1) -> bytes:
 
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8 bits, truecolour, deflate, adaptive, no interlace
     return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", isal_zlib.compress(scan.tobytes(), level)) + chunk(b"IEND", b"")
+
+
+def encode_jpeg(picture: np.ndarray, quality: int = OVERLAY_JPEG_QUALITY) -> bytes:
+    """(H, W, 3) RGB or contiguous (H, W, 4) RGBX uint8 -> baseline JPEG bytes (JFIF, YCbCr,
+    Pillow's default chroma subsampling), through libjpeg-turbo. The same bytes for an RGB
+    array and its RGBX canvas."""
+    h, w, channels = picture.shape
+    if channels == 4 and picture.flags.c_contiguous:
+        image = Image.frombuffer("RGBX", (w, h), picture, "raw", "RGBX", 0, 1)
+    else:
+        image = Image.fromarray(np.ascontiguousarray(picture[..., :3], dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def overlay_jpeg(gray: np.ndarray, box, cams: np.ndarray, titles: list[str], alpha: float = 0.45) -> bytes:
+    """`render_overlay`'s picture as JPEG bytes (what the scorer writes as a study's overlay)."""
+    return encode_jpeg(render_overlay_rgbx(gray, box, cams, titles, alpha, scratch=True))
 
 
 def save_png(image: Image.Image | np.ndarray, path: Path, *, durable: bool = True) -> None:

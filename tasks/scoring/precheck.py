@@ -61,6 +61,8 @@ STAT_NAMES = (
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
     """(H, W) float -> (size, size) float64 by box averaging (every pixel counts once)."""
+    if image.shape == (size, size):  # what Pillow gives at the same size: the float32 values
+        return np.asarray(image, dtype=np.float32).astype(np.float64)
     return np.asarray(Image.fromarray(np.asarray(image, dtype=np.float32)).resize((size, size), Image.Resampling.BOX),
                       dtype=np.float64)
 
@@ -91,10 +93,13 @@ def image_statistics(image: np.ndarray) -> np.ndarray:
     local = z.reshape(8, block, 8, block).std(axis=(1, 3))  # (8, 8) contrast inside each block
     ranked = np.sort(local.ravel())
     gy, gx = np.gradient(z)
-    mag = np.hypot(gx, gy)
-    # |cos 2θ| is 1 for horizontal and vertical edges, 0 for diagonal ones.
-    hv = float((mag * np.abs(np.cos(2 * np.arctan2(gy, gx)))).sum() / max(float(mag.sum()), 1e-9))
-    q25, q50, q75 = (np.percentile(w, [25, 50, 75]) - lo) / span
+    gx2, gy2 = gx * gx, gy * gy
+    mag = np.sqrt(gx2 + gy2)
+    # |cos 2θ| is 1 for horizontal and vertical edges, 0 for diagonal ones; with θ the gradient's
+    # angle, mag * |cos 2θ| = |gx² - gy²| / mag (no angle computed: a third of the time).
+    hv_sum = float(np.divide(np.abs(gx2 - gy2), mag, out=np.zeros_like(mag), where=mag > 0).sum())
+    hv = hv_sum / max(float(mag.sum()), 1e-9)
+    q25, q50, q75 = (_quartiles(w) - lo) / span
     layout = _resize(w, LAYOUT)
     layout = (layout - layout.mean()) / max(float(layout.std()), 1e-6)
     return np.concatenate([[
@@ -103,6 +108,19 @@ def image_statistics(image: np.ndarray) -> np.ndarray:
         np.sqrt(dark), np.sqrt(min(dark, bright)), np.log(hist.max() / hist.sum()), float((t8 * t8[:, ::-1]).mean()),
         np.sqrt(float((local < 0.05).mean())), np.log(ranked[6] + 0.05), np.log(ranked[32] + 0.05),
         np.log(ranked[57] + 0.05), hv, q25, q50, q75], layout.ravel()])
+
+
+def _quartiles(values: np.ndarray) -> np.ndarray:
+    """np.percentile(values, [25, 50, 75]) (its default linear method, its rounding), from one
+    partial sort: the six order statistics the three interpolate between."""
+    flat = values.ravel()
+    pos = np.array([0.25, 0.5, 0.75]) * (flat.size - 1)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, flat.size - 1)
+    part = np.partition(flat, np.unique(np.concatenate([lo, hi])))
+    a, b, t = part[lo], part[hi], pos - lo
+    # numpy's lerp: from the lower value below t = 0.5, from the upper one from 0.5 on.
+    return np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
 
 
 @dataclass(frozen=True)

@@ -99,9 +99,12 @@ def plan_scoring(params: Params, input_dir: Path, out_dir: Path, *, models_dir: 
     files = list(manifest["path"])
     with ThreadPoolExecutor(max(1, workers) + 1) as pool:  # hashers + the gate
         # The manifest gate (seconds of Great Expectations set-up in a fresh process) runs while
-        # the inputs are hashed; nothing is scored until it has passed.
+        # the inputs are hashed; nothing is scored until it has passed. Its Data Docs pages
+        # come with the scores gate's build at the end of the run (one build, both suites),
+        # unless it fails or every run must rebuild them.
         gate = pool.submit(validate_score_manifest, manifest.assign(path=manifest["path"].map(str)), s.max_bytes,
-                           out_dir / "validation", source=str(input_dir), docs=s.data_docs)
+                           out_dir / "validation", source=str(input_dir),
+                           docs="deferred" if s.data_docs == "changed" else s.data_docs)
         try:
             # A refused file is never opened, not even to hash it.
             hashed = list(pool.map(lambda p: (None, refused[p]) if isinstance(refused[p], str) else sha_or_reason(p), files))

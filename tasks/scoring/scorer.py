@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr.core.atomic import atomic_write_json
+from cxr.core.atomic import atomic_write_bytes, atomic_write_json
 from cxr.core.config import Params
 from cxr.core.errors import DataError
 from cxr.core.labels import BRANCHES, LABEL_COLUMNS, PATHOLOGIES
@@ -36,7 +36,7 @@ from tasks.bundle.bundle import Bundle
 from tasks.bundle.registry import load_bundle, resolve_digest
 from tasks.images.geometry import input_box_to_image, network_pixels_from_image, to_input
 from tasks.images.loader import LoaderLimits, load_image
-from tasks.scoring.overlay import display_shape, levels, render_overlay, resize_gray, save_png, thumbnail
+from tasks.scoring.overlay import OVERLAY_SUFFIX, display_shape, levels, overlay_jpeg, resize_gray, save_png, thumbnail
 from tasks.scoring.precheck import precheck
 from tasks.scoring.rows import BOX_COLUMNS, FLAG_COLUMNS, ScoredStudy, base_row, study_json
 from tasks.scoring.studies import Study, output_name, reason_of, sha_or_reason
@@ -363,7 +363,7 @@ class Scorer:
                    flagged=", ".join(flagged), max_flagged_probability=batch["flagged_max"][i] if flagged else None,
                    top_findings=", ".join(PATHOLOGIES[k] for k in batch["top"][i]),
                    ood_score=verdict.score, ood_flag=verdict.flag, ood_statement=self.statement(verdict),
-                   overlay=f"overlays/{name}.png", thumbnail=f"thumbs/{name}.png")
+                   overlay=f"overlays/{name}{OVERLAY_SUFFIX}", thumbnail=f"thumbs/{name}.png")
         whole_input = (0, 0, m.image_size - 1, m.image_size - 1)
         return ScoredStudy(row, {b: v[i] for b, v in batch["branches"].items()}, study.display,
                            input_box_to_image(box, m, (dh, dw)), batch["crops"][i],
@@ -376,7 +376,7 @@ class Scorer:
     # ------------------------------------------------------------------ outputs
 
     def write(self, out_dir: Path, study: ScoredStudy, *, pictures: bool = True, durable: bool = True) -> None:
-        """The per-study JSON (out_dir/<row json>) and, with pictures, the overlay and thumbnail PNGs.
+        """The per-study JSON (out_dir/<row json>) and, with pictures, the overlay (JPEG) and thumbnail (PNG).
 
         Each file is written atomically; the JSON comes last, so a study whose JSON exists
         has all its files. `durable=False` leaves their flush to disk to the caller (the batch
@@ -390,15 +390,15 @@ class Scorer:
 
     def write_overlay(self, out_dir: Path, study: ScoredStudy, *, grey: np.ndarray | None = None,
                       durable: bool = True) -> None:
-        """out_dir/<row overlay>: the radiograph with its box and a panel per top finding."""
+        """out_dir/<row overlay>: the radiograph with its box and a panel per top finding (JPEG)."""
         row = study.row
         top = [PATHOLOGIES.index(p) for p in row["top_findings"].split(", ")]
         prob = study.probabilities["fusion"]
         titles = [f"{row['study_id']} (attention box)"] + [
             f"{PATHOLOGIES[k]} {prob[k]:.2f}" + (" FLAGGED" if row[FLAG_COLUMNS[k]] else "") for k in top]
         grey = levels(study.display) if grey is None else grey
-        save_png(render_overlay(grey, study.display_box, study.cams_for(top, levels=True), titles),
-                 Path(out_dir) / row["overlay"], durable=durable)
+        atomic_write_bytes(Path(out_dir) / row["overlay"],
+                           overlay_jpeg(grey, study.display_box, study.cams_for(top, levels=True), titles), durable=durable)
 
     def write_thumbnail(self, out_dir: Path, study: ScoredStudy, *, grey: np.ndarray | None = None,
                         durable: bool = True) -> None:
