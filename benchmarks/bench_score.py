@@ -542,6 +542,7 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=200)
     ap.add_argument("--large", type=int, default=800)
     ap.add_argument("--forward-studies", type=int, default=256, help="studies in each forward-only measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="end-to-end runs, each between two forward-only measurements")
     ap.add_argument("--breakdown", type=int, default=160, help="studies in the serial per-step breakdown")
     ap.add_argument("--skip-flow", action="store_true", help="leave out the run through the Prefect flow")
     ap.add_argument("--skip-memory", action="store_true", help="leave out the peak-memory children")
@@ -566,24 +567,38 @@ def main() -> None:
         in_process(params, make_studies(work / "warm", 16, seed=2), work / "out_warm")  # first-call costs
 
         load_runs = os.getloadavg()[0]
-        # Forward-only before and after the end-to-end runs: their mean is the baseline, so a
-        # change in the machine's load during the run weighs on both sides alike.
+        # Forward-only before and after each end-to-end run: each run is held to the mean of the
+        # two around it, so a change in the machine's load weighs on both sides alike; the runs
+        # are repeated (`--repeats`) and their ratios' mean and spread reported (this shared
+        # 2-core machine moves a single ratio by a few hundredths from one minute to the next).
         fwd = [best_forward(params, inputs, args.batch, args.forward_studies)]
         rate_flow, cpu_flow = (float("nan"),) * 2 if args.skip_flow else via_flow(params, inputs, work / "out_flow")
-        phases = {}
-        rate_e2e, cpu_e2e = in_process(params, inputs, work / "out", phases)
+        runs = []
+        for k in range(args.repeats):
+            phases = {}
+            rate, cpu = in_process(params, inputs, work / f"out{k}", phases)
+            fwd.append(best_forward(params, inputs, args.batch, args.forward_studies))
+            around = [float(np.mean([f[i] for f in fwd[-2:]])) for i in (0, 1)]
+            runs.append({"end_to_end_studies_per_s": round(rate, 2), "forward_only_studies_per_s": round(around[0], 2),
+                         "end_to_end_over_forward": round(rate / around[0], 3),
+                         "non_model_ms_per_study": non_model_ms(rate, around[0]),
+                         "cpu_end_to_end_over_forward": round(cpu / around[1], 3), "phases_s": phases})
         # The same run with the overlay size of before (384 px panels: 2.25x the pixels of 256).
         rate_384 = in_process(bench_params(work / "models", args.size, args.batch, overlay_size=384), inputs,
                               work / "out_384")[0]
         fwd.append(best_forward(params, inputs, args.batch, args.forward_studies))
         rate_forward, cpu_forward = (float(np.mean([f[k] for f in fwd])) for k in (0, 1))
+        rate_e2e = float(np.mean([r["end_to_end_studies_per_s"] for r in runs]))
+        ratios = [r["end_to_end_over_forward"] for r in runs]
+        ratio, non_model = float(np.mean(ratios)), float(np.mean([r["non_model_ms_per_study"] for r in runs]))
+        cpu_ratio = float(np.mean([r["cpu_end_to_end_over_forward"] for r in runs]))
         print(f"{args.studies} studies, batch {args.batch}, {args.size} px: forward only {rate_forward:.1f} studies/s "
-              f"({fwd[0][0]:.1f} before, {fwd[1][0]:.1f} after); end to end in-process {rate_e2e:.1f} "
-              f"({rate_e2e / rate_forward:.2f}, {non_model_ms(rate_e2e, rate_forward):.1f} ms/study beyond the model), "
-              f"through the Prefect flow {rate_flow:.1f} ({rate_flow / rate_forward:.2f}); with 384 px overlays {rate_384:.1f} "
-              f"({rate_384 / rate_forward:.2f}); "
-              f"per CPU second: {cpu_e2e / cpu_forward:.2f} and {cpu_flow / cpu_forward:.2f}")
-        where = breakdown(params, inputs, work, args.breakdown, work / "out")
+              f"({', '.join(f'{f[0]:.1f}' for f in fwd)}); end to end in-process {rate_e2e:.1f} "
+              f"({ratio:.3f} of forward-only, runs {', '.join(f'{x:.3f}' for x in ratios)}; {non_model:.2f} ms/study "
+              f"beyond the model), through the Prefect flow {rate_flow:.1f} ({rate_flow / rate_forward:.2f}); with 384 px "
+              f"overlays {rate_384:.1f} ({rate_384 / rate_forward:.2f}); "
+              f"per CPU second: {cpu_ratio:.2f} and {cpu_flow / cpu_forward:.2f}")
+        where = breakdown(params, inputs, work, args.breakdown, work / "out0")
         print(f"non-model CPU ms per study: {where['cpu_ms_per_study_total']:.1f} "
               f"({', '.join(f'{k} {v:.2f}' for k, v in where['cpu_ms_per_study'].items())}); "
               f"per run: {', '.join(f'{k} {v:.2f} s' for k, v in where['per_run_s'].items())}")
@@ -614,13 +629,18 @@ def main() -> None:
         "overlay_size": params.score.overlay_size, "precision": "fp32", "studies": args.studies,
         "forward_only_studies_per_s": round(rate_forward, 2),
         "end_to_end_studies_per_s": round(rate_e2e, 2),
-        "end_to_end_over_forward": round(rate_e2e / rate_forward, 3),
-        "non_model_ms_per_study": non_model_ms(rate_e2e, rate_forward),
+        # The mean of the runs' ratios, each over the forward-only rates measured around it.
+        "end_to_end_over_forward": round(ratio, 3),
+        "end_to_end_over_forward_runs": ratios,
+        "end_to_end_over_forward_spread": [min(ratios), max(ratios)],
+        "non_model_ms_per_study": round(non_model, 2),
+        "non_model_ms_per_study_runs": [r["non_model_ms_per_study"] for r in runs],
         "overlay_384": {"end_to_end_studies_per_s": round(rate_384, 2),
                         "end_to_end_over_forward": round(rate_384 / rate_forward, 3),
                         "non_model_ms_per_study": non_model_ms(rate_384, rate_forward)},
         "target_end_to_end_over_forward": 0.7, "target_non_model_ms_per_study": 5.0,
-        "end_to_end_phases_s": phases,
+        "end_to_end_phases_s": runs[0]["phases_s"],
+        "end_to_end_runs": runs,
         "non_model_breakdown": where,
         "forward_only_studies": args.forward_studies,
         **({} if args.skip_flow else {"flow_studies_per_s": round(rate_flow, 2),
@@ -632,7 +652,7 @@ def main() -> None:
         # flight, one thread each on 2 cores) and one batch on every thread; the faster is the baseline.
         "forward_only_ways_studies_per_s": [f[2] for f in fwd],
         # Studies per CPU second (all threads): less sensitive to other processes on the machine.
-        "cpu_end_to_end_over_forward": round(cpu_e2e / cpu_forward, 3),
+        "cpu_end_to_end_over_forward": round(cpu_ratio, 3),
         "load_average_at_start": [round(v, 2) for v in load], "load_average_before_timed_runs": round(load_runs, 2),
         "cpu_cores": os.cpu_count(),
         "throughput_studies": args.single_studies,
