@@ -266,6 +266,7 @@ def breakdown(params: Params, inputs: Path, work: Path, n: int, scores_dir: Path
     from tasks.scoring.rows import read_scores
     from cxr.core.atomic import make_durable
     from tasks.scoring.run import batch_files, commit_batch
+    from tasks.scoring.overlay import encode_jpeg, encode_png, render_overlay_rgbx
     from tasks.scoring.scorer import Scorer
     from tasks.scoring.studies import Study, list_studies, row_keys, sha_or_reason
 
@@ -273,6 +274,7 @@ def breakdown(params: Params, inputs: Path, work: Path, n: int, scores_dir: Path
     out = work / "out_breakdown"
     shutil.rmtree(out, ignore_errors=True)
     cpu: dict[str, float] = defaultdict(float)
+    formats: dict[str, list] = {"jpeg": [], "png": []}
 
     def timed(key, f, *a, **kw):
         t0 = time.thread_time()
@@ -299,6 +301,15 @@ def breakdown(params: Params, inputs: Path, work: Path, n: int, scores_dir: Path
             timed("overlay (maps, render, JPEG, atomic write)", scorer.write_overlay, out, st, durable=False)
             timed("thumbnail (render, PNG, atomic write)", scorer.write_thumbnail, out, st, durable=False)
             timed("JSON (atomic write)", scorer.write_json, out, st, durable=False)
+        for st in scored:
+            if st.row["overlay"]:  # the same picture as a lossless PNG, as overlays were written before
+                rgbx = render_overlay_rgbx(*scorer.overlay_parts(st), scratch=True)
+                t0 = time.thread_time()
+                jpeg = encode_jpeg(rgbx)
+                t1 = time.thread_time()
+                png = encode_png(rgbx[..., :3])
+                formats["jpeg"].append((t1 - t0, len(jpeg)))
+                formats["png"].append((time.thread_time() - t1, len(png)))
         timed("flush to disk (once per batch)", make_durable, batch_files(out, scored))
         timed("Parquet part", commit_batch, out, "breakdown", b, scored, flushed=True)
     k = len(files)
@@ -325,6 +336,11 @@ def breakdown(params: Params, inputs: Path, work: Path, n: int, scores_dir: Path
     fixed["scores gate (GE, first run: Data Docs of both gates built)"] = time.perf_counter() - t0
     return {"studies": k, "cpu_ms_per_study": per_study, "cpu_ms_per_study_total": round(sum(per_study.values()), 3),
             "forward_wall_ms_per_study": round(forward_wall / k * 1000, 2),
+            # The overlay's encoding alone, on the same drawn pictures: the JPEG written now and
+            # the lossless PNG (Up filter + ISA-L deflate level 1) written before.
+            "overlay_encoding": {f: {"cpu_ms": round(1000 * float(np.mean([t for t, _ in v])), 3),
+                                     "kilobytes": round(float(np.mean([n for _, n in v])) / 1000, 1)}
+                                 for f, v in formats.items() if v},
             "per_run_s": {key: round(v, 3) for key, v in fixed.items()},
             "per_run_ms_per_study": {key: round(v / per_run_studies * 1000, 3) for key, v in fixed.items()},
             "per_run_studies": per_run_studies}
@@ -571,8 +587,10 @@ def main() -> None:
         # two around it, so a change in the machine's load weighs on both sides alike; the runs
         # are repeated (`--repeats`) and their ratios' mean and spread reported (this shared
         # 2-core machine moves a single ratio by a few hundredths from one minute to the next).
-        fwd = [best_forward(params, inputs, args.batch, args.forward_studies)]
+        # The flow's run first: the Prefect server it starts settles meanwhile, not during a
+        # forward-only measurement.
         rate_flow, cpu_flow = (float("nan"),) * 2 if args.skip_flow else via_flow(params, inputs, work / "out_flow")
+        fwd = [best_forward(params, inputs, args.batch, args.forward_studies)]
         runs = []
         for k in range(args.repeats):
             phases = {}
@@ -588,13 +606,14 @@ def main() -> None:
                               work / "out_384")[0]
         fwd.append(best_forward(params, inputs, args.batch, args.forward_studies))
         rate_forward, cpu_forward = (float(np.mean([f[k] for f in fwd])) for k in (0, 1))
-        rate_e2e = float(np.mean([r["end_to_end_studies_per_s"] for r in runs]))
+        rate_e2e = float(np.median([r["end_to_end_studies_per_s"] for r in runs]))
         ratios = [r["end_to_end_over_forward"] for r in runs]
-        ratio, non_model = float(np.mean(ratios)), float(np.mean([r["non_model_ms_per_study"] for r in runs]))
+        # The median run (of --repeats): one disturbed minute moves it least.
+        ratio, non_model = float(np.median(ratios)), float(np.median([r["non_model_ms_per_study"] for r in runs]))
         cpu_ratio = float(np.mean([r["cpu_end_to_end_over_forward"] for r in runs]))
         print(f"{args.studies} studies, batch {args.batch}, {args.size} px: forward only {rate_forward:.1f} studies/s "
               f"({', '.join(f'{f[0]:.1f}' for f in fwd)}); end to end in-process {rate_e2e:.1f} "
-              f"({ratio:.3f} of forward-only, runs {', '.join(f'{x:.3f}' for x in ratios)}; {non_model:.2f} ms/study "
+              f"({ratio:.3f} of forward-only, median of runs {', '.join(f'{x:.3f}' for x in ratios)}; {non_model:.2f} ms/study "
               f"beyond the model), through the Prefect flow {rate_flow:.1f} ({rate_flow / rate_forward:.2f}); with 384 px "
               f"overlays {rate_384:.1f} ({rate_384 / rate_forward:.2f}); "
               f"per CPU second: {cpu_ratio:.2f} and {cpu_flow / cpu_forward:.2f}")
@@ -629,7 +648,7 @@ def main() -> None:
         "overlay_size": params.score.overlay_size, "precision": "fp32", "studies": args.studies,
         "forward_only_studies_per_s": round(rate_forward, 2),
         "end_to_end_studies_per_s": round(rate_e2e, 2),
-        # The mean of the runs' ratios, each over the forward-only rates measured around it.
+        # The median of the runs' ratios, each over the forward-only rates measured around it.
         "end_to_end_over_forward": round(ratio, 3),
         "end_to_end_over_forward_runs": ratios,
         "end_to_end_over_forward_spread": [min(ratios), max(ratios)],

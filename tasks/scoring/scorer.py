@@ -391,14 +391,19 @@ class Scorer:
     def write_overlay(self, out_dir: Path, study: ScoredStudy, *, grey: np.ndarray | None = None,
                       durable: bool = True) -> None:
         """out_dir/<row overlay>: the radiograph with its box and a panel per top finding (JPEG)."""
+        atomic_write_bytes(Path(out_dir) / study.row["overlay"], overlay_jpeg(*self.overlay_parts(study, grey)),
+                           durable=durable)
+
+    @staticmethod
+    def overlay_parts(study: ScoredStudy, grey: np.ndarray | None = None) -> tuple:
+        """(grey levels, box, map levels, titles): what `tasks.scoring.overlay` draws a study's overlay from."""
         row = study.row
         top = [PATHOLOGIES.index(p) for p in row["top_findings"].split(", ")]
         prob = study.probabilities["fusion"]
         titles = [f"{row['study_id']} (attention box)"] + [
             f"{PATHOLOGIES[k]} {prob[k]:.2f}" + (" FLAGGED" if row[FLAG_COLUMNS[k]] else "") for k in top]
         grey = levels(study.display) if grey is None else grey
-        atomic_write_bytes(Path(out_dir) / row["overlay"],
-                           overlay_jpeg(grey, study.display_box, study.cams_for(top, levels=True), titles), durable=durable)
+        return grey, study.display_box, study.cams_for(top, levels=True), titles
 
     def write_thumbnail(self, out_dir: Path, study: ScoredStudy, *, grey: np.ndarray | None = None,
                         durable: bool = True) -> None:
