@@ -16,13 +16,12 @@ straight from the array: no Pillow image round trip).
 
 from __future__ import annotations
 
+import io
 import struct
+import threading
 import zlib
 from functools import lru_cache
 from pathlib import Path
-
-import io
-import threading
 
 import numpy as np
 from isal import isal_zlib
@@ -167,13 +166,13 @@ def _glyph(ch: str) -> tuple[np.ndarray, int, int]:
     its columns from `left` on, and how far the pen moves after it."""
     font = _font()
     left, _, right, _ = (int(np.floor(v)) for v in ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((TITLE_X, TITLE_Y), ch, font=font))
-    left = min(left, TITLE_X)
+    left = max(0, min(left, TITLE_X))  # a glyph reaching left of the strip is cut there
     strip = Image.new("L", (max(1, right + 2), TITLE_HEIGHT))
     ImageDraw.Draw(strip).text((TITLE_X, TITLE_Y), ch, fill=255, font=font)
     return np.asarray(strip)[:, left:], left - TITLE_X, int(round(font.getlength(ch)))
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1024)
 def _title_mask(title: str, room: int) -> np.ndarray:
     """(TITLE_HEIGHT, <= room) uint8 coverage of `title` drawn at (TITLE_X, TITLE_Y), cut at
     `room` columns. Put together from cached glyphs: a title holds the study's id, new for
