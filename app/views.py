@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import mimetypes
 import re
 from pathlib import Path
 
@@ -82,12 +83,9 @@ def picture_file(run: Run, name: str, facts: dict, picture: str) -> Path | None:
     return resolved if resolved.is_relative_to(run.folder) and resolved.is_file() else None
 
 
-_PICTURE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
-
-
 def picture_type(path: Path) -> str:
-    """The media type of a picture file the app serves (by its suffix; the app writes only these)."""
-    return _PICTURE_TYPES.get(path.suffix.lower(), "application/octet-stream")
+    """The media type of a picture file the app serves, from its suffix (.png, .jpg)."""
+    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
 
 
 def cam_png(run: Run, name: str, k: int) -> bytes | None:

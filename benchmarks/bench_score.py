@@ -585,7 +585,7 @@ def main() -> None:
         load_runs = os.getloadavg()[0]
         # Forward-only before and after each end-to-end run: each run is held to the mean of the
         # two around it, so a change in the machine's load weighs on both sides alike; the runs
-        # are repeated (`--repeats`) and their ratios' mean and spread reported (this shared
+        # are repeated (`--repeats`) and their ratios' median and spread reported (this shared
         # 2-core machine moves a single ratio by a few hundredths from one minute to the next).
         # The flow's run first: the Prefect server it starts settles meanwhile, not during a
         # forward-only measurement.
