@@ -78,6 +78,7 @@ def _context():
             store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
             analytics_enabled=False, progress_bars=ProgressBarsConfig(globally=False)))
         ctx.data_sources.add_pandas("cxr")
+        _share_compiled_templates()
         _CTX = ctx
     ctx = _CTX
     source = ctx.data_sources.get("cxr")
@@ -91,6 +92,29 @@ def _context():
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
         ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
     return ctx
+
+
+def _share_compiled_templates() -> None:
+    """Data Docs pages from compiled templates kept between builds and processes.
+
+    GE renders each page through a new Jinja environment (`DefaultJinjaView.__init__`), and a
+    new environment compiles every template again: half of a build's time (0.23 -> 0.11 s for
+    a run's pages, in every scoring run's finish). Jinja's own bytecode cache (a per-user
+    folder under the temp dir, keyed by each template's source checksum, so a GE upgrade
+    recompiles) is set on every environment GE makes."""
+    from great_expectations.render.view.view import DefaultJinjaView
+    from jinja2 import FileSystemBytecodeCache
+
+    if getattr(DefaultJinjaView.__init__, "_cxr_cached", False):
+        return
+    cache, make = FileSystemBytecodeCache(), DefaultJinjaView.__init__
+
+    def init(self, *args, **kwargs):
+        make(self, *args, **kwargs)
+        self.env.bytecode_cache = cache
+
+    init._cxr_cached = True
+    DefaultJinjaView.__init__ = init
 
 
 def run_suite(suite: str, frame: pd.DataFrame, out_dir: Path, source: str, params: dict, docs: str = "always") -> dict:

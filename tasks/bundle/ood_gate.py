@@ -60,7 +60,10 @@ class Gaussian:
     def distance(self, x: np.ndarray) -> np.ndarray:
         """(N, D) -> (N,) Mahalanobis distance (a D-dim standard Gaussian sits near sqrt(D))."""
         d = (np.atleast_2d(np.asarray(x, dtype=np.float64)) - self.mean) / self.scale
-        return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", d, self.precision, d), 0.0))
+        # d P d per row as one matrix product and a row-wise dot: a three-operand einsum is a
+        # plain N x D x D loop (4 ms a scoring batch on the 512 pooled features, 0.16 ms a study
+        # on the precheck's statistics), the product a BLAS call.
+        return np.sqrt(np.maximum(np.einsum("nd,nd->n", d @ self.precision, d), 0.0))
 
     def to_json(self) -> dict:
         # 6 significant digits: far below the distances' resolution, and the file stays small.

@@ -37,6 +37,7 @@ from tasks.scoring.rows import (  # noqa: F401
     SCHEMA,
     ScoredStudy,
     study_json,
+    study_json_bytes,
     base_row,
     read_scores,
     consolidate,

@@ -37,7 +37,7 @@ from cxr.core.atomic import atomic_path, atomic_write_bytes, atomic_write_json
 from cxr.core.config import Params
 from cxr.core.digest import file_sha256
 from cxr.core.errors import DataError
-from tasks.scoring.rows import SCHEMA, ScoredStudy, base_row, consolidate, read_scores, study_json
+from tasks.scoring.rows import SCHEMA, ScoredStudy, base_row, consolidate, read_scores, study_json_bytes
 from tasks.scoring.dicom_index import INDEX_FILE, INDEX_SCHEMA, read_index, write_index  # noqa: F401
 from tasks.scoring.studies import Study
 
@@ -401,7 +401,7 @@ def score_dicomweb(params: Params, url: str, out_dir: Path, *, since: dt.date | 
         part_rows = []
         for study, _ in rejected:
             row = base_row(study, digest, run_id, "rejected")
-            atomic_write_json(out_dir / row["json"], study_json(ScoredStudy(row)))
+            atomic_write_bytes(out_dir / row["json"], study_json_bytes(ScoredStudy(row)))
             part_rows.append(row)
         with atomic_path(out_dir / "parts" / f"part-{run_id}-header.parquet") as tmp:
             pq.write_table(pa.Table.from_pylist(part_rows, schema=SCHEMA), tmp)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from threadpoolctl import threadpool_limits
 
 from cxr.core.atomic import atomic_path, make_durable
 from cxr.core.config import Params
@@ -181,6 +182,14 @@ def commit_batch(out_dir: Path, run_id: str, index: int, scored: list[ScoredStud
     return {"shard": index, "scored": n_scored, "rejected": len(rows) - n_scored, "written": written}
 
 
+def _numpy_blas_single():
+    """numpy's BLAS (OpenBLAS) on one thread for the block. A scoring run's numpy products
+    are small (the overlay's maps, the OOD gate's distances), and OpenBLAS spreads them over
+    its threads anyway, whose spinning after each product takes the forward's cores:
+    1-2 ms less CPU a study (benchmarks/bench_score.py). torch's kernels are not affected."""
+    return threadpool_limits(1, user_api="blas")
+
+
 def score_shard(context: ScoreContext, index: int, studies: list[Study], workers: int = 2) -> dict:
     """Score one shard into `parts/part-<run>-<index>.parquet` plus its per-study files.
 
@@ -191,7 +200,7 @@ def score_shard(context: ScoreContext, index: int, studies: list[Study], workers
     """
     scorer = context_scorer(context)
     out_dir, pictures = context.out_dir, context.params.score.pictures
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    with _numpy_blas_single(), ThreadPoolExecutor(max(1, workers)) as pool:
         scored = scorer.infer(list(pool.map(scorer.prepare, [st.fresh() for st in studies])), context.run_id)
         list(pool.map(lambda st: scorer.write(out_dir, st, pictures=pictures, durable=False), scored))
     return commit_batch(out_dir, context.run_id, index, scored)
@@ -200,10 +209,10 @@ def score_shard(context: ScoreContext, index: int, studies: list[Study], workers
 def run_shards(plan: ScorePlan, *, workers: int = 2, stop_after_batches: int | None = None, ahead: int = 2) -> list[dict]:
     """Score every shard of `plan` in this process, decode -> forward -> write as a pipeline.
 
-    `workers` decoder threads keep up to `ahead` batches decoded ahead of the forward passes;
-    the forward runs a couple of batches at once on a CPU (`forward_streams`), one thread
-    each; 2 x `workers` writer threads render and write the pictures and JSON of up to
-    `ahead` batches behind it. A batch's part file is written once all its studies' files
+    Half of `workers` decoder threads (at least one) keep up to `ahead` batches decoded ahead
+    of the forward passes; the forward runs a couple of batches at once on a CPU
+    (`forward_streams`), one thread each; `workers` writer threads (at least two) render and
+    write the pictures and JSON of up to `ahead` batches behind it. A batch's part file is written once all its studies' files
     are, in batch order. The first failure (a write error, say) stops the run: batches
     before it keep their parts, the failing batch gets none, and the error is raised.
     """
@@ -225,11 +234,17 @@ def run_shards(plan: ScorePlan, *, workers: int = 2, stop_after_batches: int | N
         while writing and (len(writing) > ahead or all(f.done() for f in writing[0][2])):
             results.append(watch.committed(_commit_written(out_dir, run_id, writing.popleft())))
 
-    # Twice the writers: a writer waiting on the disk holds no core. A batch's files are
-    # flushed to disk once, by a writer after the batch's writes (`flush_batch`), before its
-    # part commits them: no fsync per file and folder, and none on a forward's thread.
-    with forwards, ThreadPoolExecutor(max(1, workers), thread_name_prefix="cxr-decode") as decoders, \
-            ThreadPoolExecutor(2 * max(1, workers), thread_name_prefix="cxr-write") as writers:
+    # Threads beyond what the work needs cost CPU on a 2-core machine: each more thread
+    # contending for the GIL is more hand-overs (kernel time) and more of the forward's cache
+    # evicted. A decoder prepares a study in ~1.5 ms, a writer writes one in ~4 ms, against
+    # ~15 ms of forward a study: one decoder and two writers keep up with two forward streams
+    # (2 + 4 threads before: 0.65 -> 0.67 of forward-only, benchmarks/bench_score.py). A
+    # batch's files are flushed to disk once, by a writer after the batch's writes
+    # (`flush_batch`), before its part commits them: no fsync per file and folder, and none
+    # on a forward's thread.
+    with _numpy_blas_single(), forwards, \
+            ThreadPoolExecutor(max(1, workers // 2), thread_name_prefix="cxr-decode") as decoders, \
+            ThreadPoolExecutor(max(2, workers), thread_name_prefix="cxr-write") as writers:
         try:
             queued = iter(shards)
             for _ in range(ahead):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr.core.atomic import atomic_write_bytes, atomic_write_json
+from cxr.core.atomic import atomic_write_bytes
 from cxr.core.config import Params
 from cxr.core.errors import DataError
 from cxr.core.labels import BRANCHES, LABEL_COLUMNS, PATHOLOGIES
@@ -38,7 +38,7 @@ from tasks.images.geometry import input_box_to_image, network_pixels_from_image,
 from tasks.images.loader import LoaderLimits, load_image
 from tasks.scoring.overlay import OVERLAY_SUFFIX, display_shape, levels, overlay_jpeg, resize_gray, save_png, thumbnail
 from tasks.scoring.precheck import precheck
-from tasks.scoring.rows import BOX_COLUMNS, FLAG_COLUMNS, ScoredStudy, base_row, study_json
+from tasks.scoring.rows import BOX_COLUMNS, FLAG_COLUMNS, ScoredStudy, base_row, study_json_bytes
 from tasks.scoring.studies import Study, output_name, reason_of, sha_or_reason
 from tasks.scoring.verdict import OODVerdict, ood_verdict
 
@@ -413,4 +413,4 @@ class Scorer:
 
     def write_json(self, out_dir: Path, study: ScoredStudy, *, durable: bool = True) -> None:
         """out_dir/<row json>: the study's facts (`tasks.scoring.rows.study_json`)."""
-        atomic_write_json(Path(out_dir) / study.row["json"], study_json(study), durable=durable)
+        atomic_write_bytes(Path(out_dir) / study.row["json"], study_json_bytes(study), durable=durable)
