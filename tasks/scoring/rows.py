@@ -74,7 +74,7 @@ class ScoredStudy:
         dh, dw = self.display.shape
         y0, x0, y1, x1 = self.cam_region
         grid = self.cam_grid[list(classes)]
-        # Bilinear with half-pixel centres (as torch's interpolate), as two gathers and blends.
+        # Bilinear with half-pixel centres, as torch's interpolate (`upsample_maps`).
         up = upsample_maps(grid, (y1 - y0 + 1, x1 - x0 + 1), levels=levels)
         if up.shape[1:] == (dh, dw):  # the maps cover the whole picture (no centre crop)
             return up
