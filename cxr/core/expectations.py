@@ -33,7 +33,12 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 # "No Finding" next to a pipe means it was joined with some other label.
 
-# SUMMARY keeps results small on 112k rows yet still lists the first offending rows by index.
+# A gate runs with BASIC first: counts and the first offending values, what a passing gate's
+# result and Data Docs show (rows a gate rejects included). A blocking failure runs it again
+# with SUMMARY, which also lists the first offending rows by index, for the error message.
+# SUMMARY's extra metrics cost GE more than the checks themselves (the scores suite on 1,000
+# rows: 0.33 s against 0.21 s), and nearly every run passes.
+_RESULT_FORMAT_FIRST = {"result_format": "BASIC", "partial_unexpected_count": 20}
 _RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 20}
 _SHOW = 10  # offending values named in an error message before "and N more"
 
@@ -135,13 +140,16 @@ def run_suite(suite: str, frame: pd.DataFrame, out_dir: Path, source: str, param
 def _run_locked(suite: str, frame: pd.DataFrame, out_dir: Path, source: str, params: dict, docs: str = "always") -> dict:
     ctx = _context()
     definition = ctx.validation_definitions.get(suite)
-    result = definition.run(batch_parameters={"dataframe": frame}, expectation_parameters=params,
-                            result_format=_RESULT_FORMAT)
+    for result_format in (_RESULT_FORMAT_FIRST, _RESULT_FORMAT):
+        result = definition.run(batch_parameters={"dataframe": frame}, expectation_parameters=params,
+                                result_format=result_format)
+        payload = result.to_json_dict()
+        # GE's own success also counts failures tagged "reject"; the gate does not.
+        success = not any(_blocks(r) for r in payload["results"])
+        if success:
+            break
     out_dir = Path(out_dir).resolve()  # GE site stores insist on absolute paths
-    payload = result.to_json_dict()
     atomic_write_json(out_dir / f"{suite}_validation.json", payload)
-    # GE's own success also counts failures tagged "reject"; the gate does not.
-    success = not any(_blocks(r) for r in payload["results"])
     _remember(ctx, out_dir, suite, result)
     if not (docs == "deferred" and success):
         _build_docs(ctx, out_dir, docs == "always")
