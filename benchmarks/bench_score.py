@@ -558,7 +558,7 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=200)
     ap.add_argument("--large", type=int, default=800)
     ap.add_argument("--forward-studies", type=int, default=256, help="studies in each forward-only measurement")
-    ap.add_argument("--repeats", type=int, default=3, help="end-to-end runs, each between two forward-only measurements")
+    ap.add_argument("--repeats", type=int, default=5, help="end-to-end runs, each between two forward-only measurements (their median is reported: the shared machine has its moments)")
     ap.add_argument("--breakdown", type=int, default=160, help="studies in the serial per-step breakdown")
     ap.add_argument("--skip-flow", action="store_true", help="leave out the run through the Prefect flow")
     ap.add_argument("--skip-memory", action="store_true", help="leave out the peak-memory children")

@@ -435,3 +435,28 @@ def test_a_cpu_run_keeps_two_single_thread_forwards_in_flight(monkeypatch):
     with pool:
         seen = {pool.submit(torch.get_num_threads).result() for _ in range(8)}
     assert seen == {scoring.forward_streams(cpu)[1]} and torch.get_num_threads() == own
+
+
+def test_study_json_is_strict_json_and_says_what_the_row_says():
+    """The per-study JSON (orjson) holds the row's facts as the standard library would write
+    them, numpy numbers as numbers, and a NaN as null: JSON has no NaN."""
+    from datetime import datetime, timezone
+
+    from tasks.scoring.rows import SCHEMA, ScoredStudy, study_json, study_json_bytes
+
+    row = dict.fromkeys(SCHEMA.names)
+    row.update(study_id="a b/é.png", status="scored", scored_at=datetime(2026, 12, 7, 13, 0, tzinfo=timezone.utc),
+               box_y0=1, box_x0=2, box_y1=30, box_x1=40, ood_score=np.float64(0.5), ood_flag=False)
+    row.update(zip(LABEL_COLUMNS, [float("nan"), np.float32(0.25), *[0.125] * (len(LABEL_COLUMNS) - 2)]))
+    study = ScoredStudy(row, {b: np.full(len(LABEL_COLUMNS), 0.5, np.float32) for b in ("global", "local", "fusion")},
+                        ood={"method": "m"})
+    text = study_json_bytes(study).decode("utf-8")
+    refuse = lambda constant: pytest.fail(f"{constant} is not JSON")  # noqa: E731
+    facts = json.loads(text, parse_constant=refuse)
+    assert text.endswith("}\n") and text.startswith("{\n  ")  # indented, one file one object
+    expected = json.loads(json.dumps(study_json(study), default=float).replace("NaN", "null"))
+    assert facts == expected
+    first, second = list(facts["probabilities"].values())[:2]
+    assert first is None and second == 0.25
+    assert facts["scored_at"] == "2026-12-07T13:00:00+00:00" and facts["study_id"] == "a b/é.png"
+    assert facts["branch_probabilities"]["fusion"][next(iter(facts["probabilities"]))] == 0.5
