@@ -14,6 +14,7 @@ fail the gate: the caller turns those rows into rejected rows itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -106,13 +107,23 @@ def _share_compiled_templates() -> None:
     new environment compiles every template again: half of a build's time (0.23 -> 0.11 s for
     a run's pages, in every scoring run's finish). Jinja's own bytecode cache (a per-user
     folder under the temp dir, keyed by each template's source checksum, so a GE upgrade
-    recompiles) is set on every environment GE makes."""
+    recompiles) is set on every environment GE makes. A cache that cannot be made or written
+    (no usable temp dir, a full disk) costs only the compile time, never a build."""
     from great_expectations.render.view.view import DefaultJinjaView
     from jinja2 import FileSystemBytecodeCache
 
+    class QuietCache(FileSystemBytecodeCache):
+        def dump_bytecode(self, bucket) -> None:
+            with contextlib.suppress(OSError):
+                super().dump_bytecode(bucket)
+
     if getattr(DefaultJinjaView.__init__, "_cxr_cached", False):
         return
-    cache, make = FileSystemBytecodeCache(), DefaultJinjaView.__init__
+    try:
+        cache = QuietCache()
+    except (OSError, RuntimeError):  # jinja refuses a temp dir it cannot make or own
+        return
+    make = DefaultJinjaView.__init__
 
     def init(self, *args, **kwargs):
         make(self, *args, **kwargs)

@@ -212,9 +212,10 @@ def run_shards(plan: ScorePlan, *, workers: int = 2, stop_after_batches: int | N
     Half of `workers` decoder threads (at least one) keep up to `ahead` batches decoded ahead
     of the forward passes; the forward runs a couple of batches at once on a CPU
     (`forward_streams`), one thread each; `workers` writer threads (at least two) render and
-    write the pictures and JSON of up to `ahead` batches behind it. A batch's part file is written once all its studies' files
-    are, in batch order. The first failure (a write error, say) stops the run: batches
-    before it keep their parts, the failing batch gets none, and the error is raised.
+    write the pictures and JSON of up to `ahead` batches behind it. A batch's part file is
+    written once all its studies' files are, in batch order. The first failure (a write
+    error, say) stops the run: batches before it keep their parts, the failing batch gets
+    none, and the error is raised.
     """
     context = plan.context
     scorer = plan.scorer or context_scorer(context)
