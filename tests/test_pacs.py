@@ -773,7 +773,8 @@ def test_the_fast_objects_are_highdicoms_objects(tmp_path):
 def test_the_secondary_capture_carries_the_overlay_jpeg_and_encodes_anything_else(tmp_path):
     """The Secondary Capture's frame: the scorer's overlay JPEG as it is on disk; a progressive
     JPEG or a PNG decoded and encoded as a baseline frame of the same picture."""
-    from tasks.scoring.dicom_sink import _jpeg_start_of_frame, overlay_frame
+    from tasks.images.loader import jpeg_start_of_frame
+    from tasks.scoring.dicom_sink import overlay_frame
     from tasks.scoring.overlay import overlay_jpeg, save_png
 
     y, x = np.mgrid[0:64, 0:48] / np.array([63.0, 47.0])[:, None, None]  # smooth, as radiographs and maps are
@@ -787,7 +788,7 @@ def test_the_secondary_capture_carries_the_overlay_jpeg_and_encodes_anything_els
     save_png(picture, tmp_path / "lossless.png")
     for name in ("progressive.jpg", "lossless.png"):
         frame, shape = overlay_frame(tmp_path / name)
-        assert _jpeg_start_of_frame(frame) == 0xC0 and shape == picture.shape, name
+        assert jpeg_start_of_frame(frame)[0] == 0xC0 and shape == picture.shape, name
         again = np.asarray(Image.open(BytesIO(frame)).convert("RGB"), dtype=np.float64)
         assert np.abs(again - picture).mean() < 4.0, name  # the titles and box lines are sharp
 

@@ -205,20 +205,31 @@ def _header_dims(path: Path, kind: str) -> tuple[int, int] | None:
         if len(data) >= 24 and data[12:16] == b"IHDR":
             return struct.unpack(">II", data[16:24])
         return None
-    # JPEG: walk the marker segments up to the first start-of-frame.
+    found = jpeg_start_of_frame(data)
+    if found is None or found[1] + 9 > len(data):
+        return None
+    height, width = struct.unpack(">HH", data[found[1] + 5 : found[1] + 9])
+    return width, height
+
+
+def jpeg_start_of_frame(data: bytes) -> tuple[int, int] | None:
+    """(marker, offset) of a JPEG's first start-of-frame segment (0xC0: baseline sequential
+    DCT; its height and width at offset + 5), found by walking the marker segments after the
+    start of image. None when the bytes end, leave the marker structure, or reach the start
+    of scan first."""
     i = 2
-    while i + 9 <= len(data):
+    while i + 4 <= len(data):
         if data[i] != 0xFF:
             return None
         marker = data[i + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a segment
             i += 2
             continue
-        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
-            return width, height
-        i += 2 + length
+            return marker, i
+        if marker == 0xDA:
+            return None
+        i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
     return None
 
 

@@ -29,6 +29,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
 from cxr.core.labels import LABEL_COLUMNS, PATHOLOGIES
+from tasks.images.loader import jpeg_start_of_frame
 from tasks.scoring.rows import BOX_COLUMNS, FLAG_COLUMNS, read_scores
 
 log = logging.getLogger("cxr.pacs")
@@ -364,27 +365,14 @@ def overlay_frame(overlay: Path) -> tuple[bytes, tuple[int, int, int]]:
         from io import BytesIO
 
         with Image.open(BytesIO(data)) as image:
-            if (image.format == "JPEG" and image.mode == "RGB" and not image.info.get("progressive")
-                    and not image.info.get("progression") and _jpeg_start_of_frame(data) == 0xC0):
+            frame = jpeg_start_of_frame(data)  # 0xC0, baseline: neither progressive nor lossless
+            if image.format == "JPEG" and image.mode == "RGB" and frame is not None and frame[0] == 0xC0:
                 return data, (image.height, image.width, 3)
     pixels = overlay_pixels(overlay)
     frame = hd.frame.encode_frame(np.ascontiguousarray(pixels, dtype=np.uint8), transfer_syntax_uid=SC_TRANSFER_SYNTAX,
                                   bits_allocated=8, bits_stored=8, photometric_interpretation=SC_PHOTOMETRIC,
                                   pixel_representation=0, planar_configuration=0)
     return frame, pixels.shape
-
-
-def _jpeg_start_of_frame(data: bytes) -> int | None:
-    """The JPEG's start-of-frame marker (0xC0: baseline sequential DCT), from its marker segments."""
-    pos = 2
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return marker
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
-    return None
 
 
 def overlay_pixels(overlay_png: Path) -> np.ndarray:

@@ -75,15 +75,9 @@ def _levels(values: np.ndarray) -> np.ndarray:
     """Floats in [0, 1] -> uint8 levels 0..255 (uint8 input is taken as levels already)."""
     if values.dtype == np.uint8:
         return values
-    return _levels_in_place(np.array(values, dtype=np.float32))
-
-
-def _levels_in_place(v: np.ndarray) -> np.ndarray:
-    """`_levels` of a float32 array that may be overwritten (clipped, scaled, rounded in place)."""
-    np.clip(v, 0.0, 1.0, out=v)
+    v = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
     v *= 255.0
-    np.rint(v, out=v)
-    return v.astype(np.uint8)
+    return np.rint(v, out=v).astype(np.uint8)
 
 
 def display_shape(height: int, width: int, longest: int) -> tuple[int, int]:
